@@ -1,0 +1,11 @@
+//! The sidecar agent: loads the eBPF interception programs, runs the proxy that measures every
+//! request, and exports metrics and traces over OTLP.
+
+pub mod cli;
+pub mod ebpf;
+pub mod export;
+pub mod kernel;
+pub mod protocol;
+pub mod proxy;
+pub mod run;
+pub mod telemetry;

@@ -1,0 +1,48 @@
+//! `cargo xtask`: the single entry point for every workflow a contributor needs.
+
+mod build;
+mod demo;
+mod setup;
+mod test;
+mod util;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Workflows of the sidecar project")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install (idempotently) the eBPF toolchain and the test peers. Needs root and apt.
+    Setup,
+    /// Build the eBPF object only (target/bpfel-unknown-none/release/sidecar-ebpf).
+    BuildEbpf,
+    /// Build target/release/sidecar with the eBPF object embedded (runs setup first).
+    Build,
+    /// Set up, build, and run a throwaway pod with the sidecar for a bounded time.
+    Demo(demo::DemoArgs),
+    /// Set up, check formatting and clippy, run unit and privileged end-to-end tests.
+    Test(test::TestArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup => setup::run(),
+        Command::BuildEbpf => build::ebpf(),
+        Command::Build => setup::run().and_then(|()| build::all()),
+        Command::Demo(args) => demo::run(&args),
+        Command::Test(args) => test::run(&args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! `cargo xtask test`: set-up, formatting, clippy, unit tests, privileged end-to-end tests.
+
+use anyhow::{Context, Result};
+
+use crate::build;
+use crate::setup;
+use crate::util::{self, sh};
+
+/// Flags of `cargo xtask test`.
+#[derive(Debug, clap::Args)]
+pub struct TestArgs {}
+
+/// Runs every check CI runs, failing at the first failing step.
+pub fn run_all() -> Result<()> {
+    let started = std::time::Instant::now();
+    setup::run()?;
+    step("formatting", || {
+        sh(util::cargo().args(["fmt", "--all", "--", "--check"]))
+    })?;
+    step("build (eBPF object + release agent)", build::all)?;
+    let obj = build::ebpf_object();
+    step("clippy -D warnings", || {
+        sh(util::cargo()
+            .env("SIDECAR_EBPF_OBJECT", &obj)
+            .args(["clippy", "--release", "--all-targets", "--", "-D", "warnings"]))
+    })?;
+    step("unit and kernel tests", || {
+        sh(util::cargo().env("SIDECAR_EBPF_OBJECT", &obj).args([
+            "test",
+            "--release",
+            "--package",
+            "sidecar-common",
+            "--package",
+            "sidecar",
+            "--package",
+            "xtask",
+        ]))
+    })?;
+    step("end-to-end tests (root, network namespaces, eBPF)", || {
+        sh(util::cargo()
+            .env("SIDECAR_EBPF_OBJECT", &obj)
+            .env("SIDECAR_BIN", build::sidecar_binary())
+            .args([
+                "test",
+                "--release",
+                "--package",
+                "sidecar-tests",
+                "--",
+                "--test-threads=1",
+            ]))
+    })
+    .context("end-to-end tests failed")?;
+    eprintln!(
+        "xtask test: every step passed in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Entry point of `cargo xtask test`.
+pub fn run(_args: &TestArgs) -> Result<()> {
+    run_all()
+}
+
+fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+    eprintln!("\n=== {name}");
+    f().with_context(|| format!("step failed: {name}"))
+}
