@@ -60,7 +60,14 @@ pub fn all() -> Result<()> {
     ebpf()?;
     sh(util::cargo()
         .env("SIDECAR_EBPF_OBJECT", ebpf_object())
-        .args(["build", "--release", "--package", "sidecar", "--bin", "sidecar"]))?;
+        .args([
+            "build",
+            "--release",
+            "--package",
+            "sidecar",
+            "--bin",
+            "sidecar",
+        ]))?;
     let bin = sidecar_binary();
     let size = std::fs::metadata(&bin)
         .with_context(|| format!("{} missing after build", bin.display()))?

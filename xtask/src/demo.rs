@@ -43,7 +43,9 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         std::fs::remove_file(&sink)?;
     }
 
-    println!("\n== demo: building a throwaway pod (network namespaces, veth, cgroups, HTTP server)");
+    println!(
+        "\n== demo: building a throwaway pod (network namespaces, veth, cgroups, HTTP server)"
+    );
     let world = PodWorld::new("demo")?;
     println!(
         "   pod cgroup {}; app calls {} and {}",
@@ -60,7 +62,10 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         ..SidecarConfig::default()
     };
     let mut sidecar = world.start_sidecar(&cfg)?;
-    println!("== sidecar running (pid {}); its log and live summary follow\n", sidecar.pid());
+    println!(
+        "== sidecar running (pid {}); its log and live summary follow\n",
+        sidecar.pid()
+    );
     let mut shown = 0usize;
     show_new(&sidecar.log(), &mut shown);
 
@@ -114,8 +119,14 @@ fn report_sink(sink: &Path) -> Result<()> {
     let text = std::fs::read_to_string(sink)
         .with_context(|| format!("the default sink wrote nothing to {}", sink.display()))?;
     let lines: Vec<&str> = text.lines().collect();
-    let spans = lines.iter().filter(|l| l.contains("\"resourceSpans\"")).count();
-    let metrics = lines.iter().filter(|l| l.contains("\"resourceMetrics\"")).count();
+    let spans = lines
+        .iter()
+        .filter(|l| l.contains("\"resourceSpans\""))
+        .count();
+    let metrics = lines
+        .iter()
+        .filter(|l| l.contains("\"resourceMetrics\""))
+        .count();
     println!(
         "\n== OTLP-JSON written to {} ({} lines: {spans} span batches, {metrics} metric exports)",
         sink.display(),

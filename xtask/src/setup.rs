@@ -130,7 +130,9 @@ fn ensure_bpf_linker(major: u32) -> Result<()> {
     if bin.exists() && bpf_linker_llvm_major(&bin) == Some(major) {
         return Ok(());
     }
-    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM {major} (a few minutes)");
+    eprintln!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM {major} (a few minutes)"
+    );
     sh(util::cargo()
         .env("LLVM_PREFIX", format!("/usr/lib/llvm-{major}"))
         .args([
@@ -147,7 +149,10 @@ fn ensure_bpf_linker(major: u32) -> Result<()> {
 fn ensure_toolchain_link() -> Result<()> {
     let list = util::output(Command::new("rustup").args(["toolchain", "list"]))
         .context("rustup is needed to link Debian's compiler as a toolchain")?;
-    if list.lines().any(|l| l.split_whitespace().next() == Some(BPF_TOOLCHAIN)) {
+    if list
+        .lines()
+        .any(|l| l.split_whitespace().next() == Some(BPF_TOOLCHAIN))
+    {
         return Ok(());
     }
     sh(Command::new("rustup").args(["toolchain", "link", BPF_TOOLCHAIN, "/usr"]))
@@ -171,7 +176,14 @@ fn ensure_python_venv() -> Result<()> {
         return Ok(());
     }
     sh(Command::new(&python)
-        .args(["-m", "pip", "install", "-q", "--disable-pip-version-check", "-r"])
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "-r",
+        ])
         .arg(&requirements))?;
     std::fs::write(&stamp, wanted)?;
     Ok(())

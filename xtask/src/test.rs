@@ -20,9 +20,14 @@ pub fn run_all() -> Result<()> {
     step("build (eBPF object + release agent)", build::all)?;
     let obj = build::ebpf_object();
     step("clippy -D warnings", || {
-        sh(util::cargo()
-            .env("SIDECAR_EBPF_OBJECT", &obj)
-            .args(["clippy", "--release", "--all-targets", "--", "-D", "warnings"]))
+        sh(util::cargo().env("SIDECAR_EBPF_OBJECT", &obj).args([
+            "clippy",
+            "--release",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))
     })?;
     step("unit and kernel tests", || {
         sh(util::cargo().env("SIDECAR_EBPF_OBJECT", &obj).args([
