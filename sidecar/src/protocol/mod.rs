@@ -1,0 +1,166 @@
+//! Protocol detection: decides from the application's first bytes whether a connection speaks
+//! HTTP/1.x (measured per request) or something else (forwarded opaquely), without ever
+//! losing a byte it read.
+
+pub mod chunked;
+pub mod http1;
+
+use std::time::{Duration, SystemTime};
+
+use bytes::BytesMut;
+use tokio::net::TcpStream;
+
+use crate::proxy::forward::read_into;
+use crate::telemetry::ConnectionProtocol;
+
+/// Longest method token accepted while detecting (the longest registered one is far shorter).
+const MAX_METHOD_LEN: usize = 32;
+
+/// Verdict on a prefix of the application's first bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    /// The bytes start with an HTTP/1 request line (`METHOD SP target SP HTTP/1.`).
+    Http1,
+    /// The bytes cannot be an HTTP/1 request line.
+    Opaque,
+    /// The bytes are a prefix of an HTTP/1 request line: more are needed to decide.
+    NeedMore,
+}
+
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn is_target_byte(b: u8) -> bool {
+    b > b' ' && b != 0x7f
+}
+
+/// Classifies the first bytes of a connection.
+pub fn classify(buf: &[u8]) -> Class {
+    const VERSION: &[u8] = b"HTTP/1.";
+    let method_len = buf.iter().take_while(|b| is_tchar(**b)).count();
+    if method_len == buf.len() {
+        return if method_len <= MAX_METHOD_LEN {
+            Class::NeedMore
+        } else {
+            Class::Opaque
+        };
+    }
+    if method_len == 0 || method_len > MAX_METHOD_LEN || buf.get(method_len) != Some(&b' ') {
+        return Class::Opaque;
+    }
+    let rest = buf.get(method_len + 1..).unwrap_or_default();
+    let target_len = rest.iter().take_while(|b| is_target_byte(**b)).count();
+    if target_len == rest.len() {
+        return Class::NeedMore;
+    }
+    if target_len == 0 || rest.get(target_len) != Some(&b' ') {
+        return Class::Opaque;
+    }
+    let version = rest.get(target_len + 1..).unwrap_or_default();
+    let n = version.len().min(VERSION.len());
+    if version.get(..n) != VERSION.get(..n) {
+        Class::Opaque
+    } else if n < VERSION.len() {
+        Class::NeedMore
+    } else {
+        Class::Http1
+    }
+}
+
+/// Outcome of detection: the protocol and the bytes already read from the application, which
+/// the forwarder must send before anything else.
+#[derive(Debug)]
+pub struct Detection {
+    /// Protocol recognised.
+    pub protocol: ConnectionProtocol,
+    /// Bytes read from the application during detection (possibly empty).
+    pub initial: BytesMut,
+    /// When the first of those bytes arrived (now, if none did).
+    pub first_byte_at: SystemTime,
+}
+
+/// Waits up to `timeout` for the application's first bytes while watching the upstream. If the
+/// upstream speaks (or closes) first, the application closes, or nothing decisive arrives in
+/// time or within `max_head_bytes`, the connection is opaque. A read error on the application
+/// socket is returned as is (the caller resets the upstream).
+pub async fn detect(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    timeout: Duration,
+    max_head_bytes: usize,
+) -> std::io::Result<Detection> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut initial = BytesMut::new();
+    let mut first_byte_at = None;
+    let mut peek = [0u8; 1];
+    let protocol = loop {
+        tokio::select! {
+            biased;
+            read = read_into(client, &mut initial) => {
+                if read? == 0 {
+                    break ConnectionProtocol::Opaque;
+                }
+                first_byte_at.get_or_insert_with(SystemTime::now);
+                match classify(&initial) {
+                    Class::Http1 => break ConnectionProtocol::Http1,
+                    Class::Opaque => break ConnectionProtocol::Opaque,
+                    Class::NeedMore if initial.len() >= max_head_bytes => {
+                        break ConnectionProtocol::Opaque
+                    }
+                    Class::NeedMore => {}
+                }
+            }
+            _ = upstream.peek(&mut peek) => break ConnectionProtocol::Opaque,
+            () = tokio::time::sleep_until(deadline) => break ConnectionProtocol::Opaque,
+        }
+    };
+    Ok(Detection {
+        protocol,
+        initial,
+        first_byte_at: first_byte_at.unwrap_or_else(SystemTime::now),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn request_lines_are_http1() {
+        assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Class::Http1);
+        assert_eq!(classify(b"POST /a?b=c HTTP/1.0\r\n"), Class::Http1);
+        assert_eq!(classify(b"PURGE http://h/x HTTP/1."), Class::Http1);
+        assert_eq!(classify(b"CONNECT h:443 HTTP/1.1\r\n"), Class::Http1);
+    }
+
+    #[test]
+    fn prefixes_need_more() {
+        let line = b"OPTIONS * HTTP/1.1";
+        for n in 0..b"OPTIONS * HTTP/1.".len() {
+            assert_eq!(classify(&line[..n]), Class::NeedMore, "prefix {n}");
+        }
+    }
+
+    #[test]
+    fn other_protocols_are_opaque() {
+        assert_eq!(classify(b"\x16\x03\x01\x02\x00"), Class::Opaque); // TLS ClientHello
+        assert_eq!(classify(b"PRI * HTTP/2.0\r\n"), Class::Opaque); // h2 preface
+        assert_eq!(classify(b"*1\r\n$4\r\nPING\r\n"), Class::Opaque); // Redis
+        assert_eq!(classify(b"GET  / HTTP/1.1"), Class::Opaque);
+        assert_eq!(classify(b" GET / HTTP/1.1"), Class::Opaque);
+        assert_eq!(classify(b"GET / FTP/1.1"), Class::Opaque);
+        assert_eq!(classify(&[b'A'; MAX_METHOD_LEN + 1]), Class::Opaque);
+    }
+
+    proptest! {
+        #[test]
+        fn classify_never_panics_and_http1_means_request_line(data in proptest::collection::vec(any::<u8>(), 0..64)) {
+            if classify(&data) == Class::Http1 {
+                let text = String::from_utf8_lossy(&data);
+                prop_assert!(text.contains(" HTTP/1."));
+            }
+        }
+    }
+}

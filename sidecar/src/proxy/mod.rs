@@ -1,0 +1,438 @@
+//! The outbound proxy: listeners for redirected connections, original-destination lookup,
+//! upstream connect, protocol dispatch, and graceful drain on shutdown.
+
+pub mod forward;
+pub mod orig_dst;
+
+#[cfg(test)]
+pub(crate) mod observe;
+#[cfg(test)]
+mod tests;
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use orig_dst::{MockOrigDst, OriginalDst, SoOriginalDst};
+
+use crate::protocol::{self, http1::Http1};
+use crate::telemetry::{ConnectionProtocol, ErrorType, TcpConnectionRecord, Telemetry};
+use forward::{error_type, reset_on_close, ConnShared};
+
+/// Default port the eBPF connect hooks redirect outbound connections to.
+pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
+
+/// Listen backlog of each listener.
+const BACKLOG: i32 = 1024;
+
+/// Pause after a failed accept (e.g. out of file descriptors) before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Proxy settings.
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// Addresses the outbound listeners bind (one listener each).
+    pub outbound_addrs: Vec<SocketAddr>,
+    /// Longest wait for the upstream connect.
+    pub connect_timeout: Duration,
+    /// Longest wait for the application's first bytes before treating the connection as opaque.
+    pub detect_timeout: Duration,
+    /// Largest HTTP head followed; larger ones make the connection opaque from there on.
+    pub max_head_bytes: usize,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            outbound_addrs: vec![
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), DEFAULT_OUTBOUND_PORT),
+                SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), DEFAULT_OUTBOUND_PORT),
+            ],
+            connect_timeout: Duration::from_secs(5),
+            detect_timeout: Duration::from_secs(5),
+            max_head_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The configuration lists no listener address.
+    #[error("no outbound listener address configured")]
+    NoListenAddrs,
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address that failed.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Every listener failed for lack of the address family (e.g. only `[::1]` configured on a
+    /// host without IPv6).
+    #[error("no outbound listener could be bound")]
+    NoListener,
+}
+
+/// What happened to in-flight connections at shutdown.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Connections that finished within the drain period.
+    pub drained: usize,
+    /// Connections cut when the drain period ended.
+    pub aborted: usize,
+}
+
+/// Proxy-level counters (connections that never reached telemetry as a TCP connection).
+#[derive(Debug, Default)]
+pub struct ProxyCounters {
+    /// Connections accepted.
+    pub accepted: AtomicU64,
+    /// Connections closed because their original destination could not be found.
+    pub orig_dst_failures: AtomicU64,
+    /// Connections refused because they were aimed at the proxy itself.
+    pub loops_refused: AtomicU64,
+    /// Upstream connects that failed or timed out.
+    pub connect_failures: AtomicU64,
+}
+
+/// What every connection task needs.
+struct Shared {
+    cfg: ProxyConfig,
+    orig: Arc<dyn OriginalDst>,
+    telemetry: Telemetry,
+    own_addrs: Vec<SocketAddr>,
+    counters: Arc<ProxyCounters>,
+}
+
+impl Shared {
+    /// True if `dst` is one of the proxy's own listeners (a connection to it would loop).
+    fn is_own(&self, dst: SocketAddr) -> bool {
+        self.own_addrs.iter().any(|own| {
+            own.port() == dst.port()
+                && (own.ip() == dst.ip()
+                    || (own.ip().is_unspecified()
+                        && (dst.ip().is_loopback() || dst.ip().is_unspecified())))
+        })
+    }
+}
+
+/// The bound outbound proxy, ready to [`run`](Proxy::run).
+pub struct Proxy {
+    listeners: Vec<TcpListener>,
+    shared: Arc<Shared>,
+}
+
+/// Binds one listener: `SO_REUSEADDR`, `IPV6_V6ONLY` for IPv6, non-blocking.
+fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// True if binding failed because the host has no IPv6 (or not this address).
+fn ipv6_unavailable(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT | libc::EPROTONOSUPPORT)
+    )
+}
+
+impl Proxy {
+    /// Binds the outbound listeners. An IPv6 address the host cannot bind (no IPv6) only
+    /// warns; any other bind failure, or no listener at all, is an error.
+    pub async fn bind(
+        cfg: ProxyConfig,
+        orig: Arc<dyn OriginalDst>,
+        telemetry: Telemetry,
+    ) -> Result<Self, ProxyError> {
+        if cfg.outbound_addrs.is_empty() {
+            return Err(ProxyError::NoListenAddrs);
+        }
+        let mut listeners = Vec::with_capacity(cfg.outbound_addrs.len());
+        for &addr in &cfg.outbound_addrs {
+            match bind_listener(addr) {
+                Ok(listener) => listeners.push(listener),
+                Err(e) if addr.is_ipv6() && ipv6_unavailable(&e) => {
+                    tracing::warn!(%addr, error = %e, "IPv6 outbound listener unavailable; continuing without it");
+                }
+                Err(source) => return Err(ProxyError::Bind { addr, source }),
+            }
+        }
+        if listeners.is_empty() {
+            return Err(ProxyError::NoListener);
+        }
+        let own_addrs = listeners
+            .iter()
+            .map(TcpListener::local_addr)
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(|source| ProxyError::Bind {
+                addr: cfg.outbound_addrs[0],
+                source,
+            })?;
+        for addr in &own_addrs {
+            tracing::info!(%addr, "outbound proxy listening");
+        }
+        Ok(Self {
+            listeners,
+            shared: Arc::new(Shared {
+                cfg,
+                orig,
+                telemetry,
+                own_addrs,
+                counters: Arc::default(),
+            }),
+        })
+    }
+
+    /// Addresses actually bound (ports resolved when 0 was asked).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.shared.own_addrs.clone()
+    }
+
+    /// Proxy-level counters, live while the proxy runs.
+    pub fn counters(&self) -> Arc<ProxyCounters> {
+        Arc::clone(&self.shared.counters)
+    }
+
+    /// Accepts and proxies connections until `shutdown` fires, then closes the listeners at
+    /// once (so the eBPF redirection fails open), waits up to `drain` for in-flight
+    /// connections and aborts the rest.
+    pub async fn run(self, shutdown: CancellationToken, drain: Duration) -> DrainReport {
+        let Proxy { listeners, shared } = self;
+        let mut conns = JoinSet::new();
+        loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                Some(joined) = conns.join_next() => log_join(joined),
+                accepted = accept_any(&listeners) => match accepted {
+                    Ok((stream, peer)) => {
+                        shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
+                        conns.spawn(handle_connection(Arc::clone(&shared), stream, peer));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::select! {
+                            () = shutdown.cancelled() => break,
+                            () = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                        }
+                    }
+                },
+            }
+        }
+        drop(listeners);
+        tracing::info!(
+            in_flight = conns.len(),
+            ?drain,
+            "outbound listeners closed; draining connections"
+        );
+        let mut drained = 0;
+        let _ = tokio::time::timeout(drain, async {
+            while let Some(joined) = conns.join_next().await {
+                log_join(joined);
+                drained += 1;
+            }
+        })
+        .await;
+        let aborted = conns.len();
+        conns.abort_all();
+        while conns.join_next().await.is_some() {}
+        if aborted > 0 {
+            tracing::warn!(aborted, "connections cut at the end of the drain period");
+        }
+        DrainReport { drained, aborted }
+    }
+}
+
+fn log_join(joined: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = joined {
+        if e.is_panic() {
+            tracing::error!(error = %e, "connection task panicked");
+        }
+    }
+}
+
+/// Accepts from whichever listener has a connection ready.
+fn accept_any(
+    listeners: &[TcpListener],
+) -> impl std::future::Future<Output = io::Result<(TcpStream, SocketAddr)>> + '_ {
+    std::future::poll_fn(move |cx| {
+        for listener in listeners {
+            if let Poll::Ready(res) = listener.poll_accept(cx) {
+                return Poll::Ready(res);
+            }
+        }
+        Poll::Pending
+    })
+}
+
+/// Records the connection when dropped, however its task ends (also when aborted).
+struct ConnRecord {
+    telemetry: Telemetry,
+    shared: Arc<ConnShared>,
+    accepted_at: Instant,
+    finished: AtomicBool,
+}
+
+impl Drop for ConnRecord {
+    fn drop(&mut self) {
+        if !self.finished.load(Ordering::Relaxed) {
+            // Cut before it ended (drain period over).
+            self.shared.set_error(ErrorType::Io);
+        }
+        let rec = TcpConnectionRecord {
+            destination: self.shared.destination,
+            bytes_sent: self.shared.bytes_sent.load(Ordering::Relaxed),
+            bytes_received: self.shared.bytes_received.load(Ordering::Relaxed),
+            duration: self.accepted_at.elapsed(),
+            protocol: self.shared.protocol(),
+            error: self.shared.error(),
+        };
+        self.telemetry.tcp_connection(&rec);
+        #[cfg(test)]
+        observe::push_connection(
+            rec.destination,
+            observe::Connection {
+                bytes_sent: rec.bytes_sent,
+                bytes_received: rec.bytes_received,
+                protocol: rec.protocol,
+                error: rec.error,
+            },
+        );
+    }
+}
+
+/// The two sockets of a connection; unless marked clean, both are closed with a reset, so no
+/// peer takes a cut stream for a complete one.
+struct SocketPair {
+    client: TcpStream,
+    upstream: Option<TcpStream>,
+    clean: bool,
+}
+
+impl Drop for SocketPair {
+    fn drop(&mut self) {
+        if !self.clean {
+            reset_on_close(&self.client);
+            if let Some(upstream) = &self.upstream {
+                reset_on_close(upstream);
+            }
+        }
+    }
+}
+
+async fn handle_connection(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr) {
+    let accepted_at = Instant::now();
+    if let Err(e) = client.set_nodelay(true) {
+        tracing::trace!(error = %e, "TCP_NODELAY on accepted socket");
+    }
+    let mut sockets = SocketPair {
+        client,
+        upstream: None,
+        clean: false,
+    };
+    let dst = match shared.orig.original_dst(&sockets.client) {
+        Ok(dst) => dst,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "no original destination; closing");
+            shared
+                .counters
+                .orig_dst_failures
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    if shared.is_own(dst) {
+        tracing::warn!(%peer, %dst, "connection aimed at the proxy itself; refusing");
+        shared
+            .counters
+            .loops_refused
+            .fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+
+    let conn = Arc::new(ConnShared::new(dst));
+    let record = ConnRecord {
+        telemetry: shared.telemetry.clone(),
+        shared: Arc::clone(&conn),
+        accepted_at,
+        finished: AtomicBool::new(false),
+    };
+    let connect = tokio::time::timeout(shared.cfg.connect_timeout, TcpStream::connect(dst)).await;
+    let upstream = match connect {
+        Ok(Ok(upstream)) => upstream,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, %dst, error = %e, "upstream connect failed");
+            conn.set_error(error_type(&e));
+            shared
+                .counters
+                .connect_failures
+                .fetch_add(1, Ordering::Relaxed);
+            record.finished.store(true, Ordering::Relaxed);
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, %dst, "upstream connect timed out");
+            conn.set_error(ErrorType::Timeout);
+            shared
+                .counters
+                .connect_failures
+                .fetch_add(1, Ordering::Relaxed);
+            record.finished.store(true, Ordering::Relaxed);
+            return;
+        }
+    };
+    if let Err(e) = upstream.set_nodelay(true) {
+        tracing::trace!(error = %e, "TCP_NODELAY on upstream socket");
+    }
+    let upstream = sockets.upstream.insert(upstream);
+    let client = &sockets.client;
+
+    let cfg = &shared.cfg;
+    let clean = match protocol::detect(client, upstream, cfg.detect_timeout, cfg.max_head_bytes)
+        .await
+    {
+        Err(e) => {
+            tracing::debug!(%peer, %dst, error = %e, "application socket failed before sending");
+            conn.set_error(error_type(&e));
+            false
+        }
+        Ok(detection) => {
+            conn.set_protocol(detection.protocol);
+            match detection.protocol {
+                ConnectionProtocol::Opaque => {
+                    forward::opaque(client, upstream, &detection.initial, &conn).await
+                }
+                ConnectionProtocol::Http1 => {
+                    let http = Http1 {
+                        client,
+                        upstream,
+                        shared: &conn,
+                        telemetry: &shared.telemetry,
+                        max_head_bytes: cfg.max_head_bytes,
+                    };
+                    http.run(detection.initial, detection.first_byte_at).await
+                }
+            }
+        }
+    };
+    sockets.clean = clean;
+    record.finished.store(true, Ordering::Relaxed);
+}
