@@ -1,0 +1,263 @@
+//! `PodWorld`: the design's test topology on one machine. A "pod" network namespace and a
+//! "svc" one joined by a veth pair, a pod cgroup with `app` and `sidecar` children, an HTTP
+//! peer in svc, and helpers to start the sidecar and run clients as the app would.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::cgroup::Cgroup;
+use crate::cmd::{run_timeout, Finished};
+use crate::error::{Error, Result};
+use crate::netns::{unique_name, veth_pair, Netns};
+use crate::otlp::OtlpReceiver;
+use crate::peers::{peers_dir, EchoPeer, HttpPeer, UdpPeer};
+use crate::process::{command_in, Child};
+use crate::sidecar::{sidecar_bin, Sidecar, SidecarConfig};
+use crate::tempdir::TempDir;
+
+/// The pod's IPv4 address.
+pub const POD_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// The service namespace's IPv4 address.
+pub const SVC_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// The pod's IPv6 address.
+pub const POD_V6: Ipv6Addr = Ipv6Addr::new(0xfd5e, 0x1dec, 0, 0, 0, 0, 0, 1);
+/// The service namespace's IPv6 address.
+pub const SVC_V6: Ipv6Addr = Ipv6Addr::new(0xfd5e, 0x1dec, 0, 0, 0, 0, 0, 2);
+/// Port of the HTTP peer in svc.
+pub const HTTP_PORT: u16 = 8080;
+/// Port of the TCP echo peer in svc (started on demand).
+pub const ECHO_PORT: u16 = 9000;
+/// Port of the UDP echo peer in svc (started on demand).
+pub const UDP_PORT: u16 = 9001;
+/// Name of the veth end in each namespace.
+pub const VETH: &str = "veth0";
+
+/// The pod world. Dropping it stops the peer, kills whatever is left in the cgroups, removes
+/// the cgroups and namespaces, and removes the scratch directory (kept when the test fails).
+#[derive(Debug)]
+pub struct PodWorld {
+    /// The HTTP peer in svc on [`HTTP_PORT`].
+    pub http: HttpPeer,
+    /// `<pod>/app`: where client processes run.
+    pub app_cgroup: Cgroup,
+    /// `<pod>/sidecar`: where the sidecar runs.
+    pub sidecar_cgroup: Cgroup,
+    /// The pod cgroup the sidecar attaches to.
+    pub pod_cgroup: Cgroup,
+    /// The pod network namespace.
+    pub pod: Netns,
+    /// The service network namespace.
+    pub svc: Netns,
+    /// Scratch directory for logs and files.
+    pub dir: TempDir,
+    name: String,
+}
+
+impl PodWorld {
+    /// Builds the world; `tag` names its namespaces, cgroups and directory (made unique).
+    pub fn new(tag: &str) -> Result<Self> {
+        let name = unique_name(tag);
+        let dir = TempDir::create(&name)?;
+        let svc = Netns::create(&format!("{name}-svc"))?;
+        let pod = Netns::create(&format!("{name}-pod"))?;
+        veth_pair(&pod, VETH, &svc, VETH)?;
+        pod.add_addr(VETH, &format!("{POD_V4}/24"))?;
+        pod.add_addr(VETH, &format!("{POD_V6}/64"))?;
+        svc.add_addr(VETH, &format!("{SVC_V4}/24"))?;
+        svc.add_addr(VETH, &format!("{SVC_V6}/64"))?;
+        let pod_cgroup = Cgroup::create(&name)?;
+        let sidecar_cgroup = pod_cgroup.child("sidecar")?;
+        let app_cgroup = pod_cgroup.child("app")?;
+        let http = HttpPeer::start(
+            "http-peer",
+            &svc,
+            HTTP_PORT,
+            SocketAddr::new(IpAddr::V4(SVC_V4), HTTP_PORT),
+            dir.path(),
+        )?;
+        tracing::info!(world = %name, "pod world ready");
+        Ok(Self {
+            http,
+            app_cgroup,
+            sidecar_cgroup,
+            pod_cgroup,
+            pod,
+            svc,
+            dir,
+            name,
+        })
+    }
+
+    /// The world's unique name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `http://198.18.0.2:8080<path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{SVC_V4}:{HTTP_PORT}{path}")
+    }
+
+    /// `http://[fd5e:1dec::2]:8080<path>`.
+    pub fn url_v6(&self, path: &str) -> String {
+        format!("http://[{SVC_V6}]:{HTTP_PORT}{path}")
+    }
+
+    /// Starts an OTLP receiver listening on `127.0.0.1:<free port>` inside the pod namespace,
+    /// where the sidecar can reach it. Must be called within a tokio runtime.
+    pub fn start_receiver(&self) -> Result<OtlpReceiver> {
+        let listener = self
+            .pod
+            .enter(|| std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))?
+            .map_err(|e| Error::Io {
+                what: "binding the OTLP receiver in the pod namespace".into(),
+                source: e,
+            })?;
+        OtlpReceiver::from_std_listener(listener)
+            .map_err(|e| Error::Unexpected(format!("starting the OTLP receiver: {e:#}")))
+    }
+
+    /// A command running the sidecar binary with `args` in the pod namespace and the
+    /// `sidecar` cgroup.
+    pub fn sidecar_command(&self, args: &[&str]) -> Command {
+        command_in(
+            Some(&self.pod),
+            Some(&self.sidecar_cgroup),
+            sidecar_bin(),
+            args,
+        )
+    }
+
+    /// Runs the sidecar binary with `args` to completion (e.g. `check`, bad flags).
+    pub fn run_sidecar(&self, args: &[&str], timeout: Duration) -> Result<Finished> {
+        run_timeout(&mut self.sidecar_command(args), timeout)
+    }
+
+    /// Starts `sidecar run --cgroup <pod cgroup> ...` and waits until it is ready.
+    pub fn start_sidecar(&self, cfg: &SidecarConfig) -> Result<Sidecar> {
+        let args = cfg.run_args(self.pod_cgroup.path());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut cmd = self.sidecar_command(&args);
+        // Plain log lines in the log file (honoured by tracing-subscriber's ANSI default).
+        cmd.env("NO_COLOR", "1");
+        for (k, v) in &cfg.env {
+            cmd.env(k, v);
+        }
+        Sidecar::spawn(cmd, &self.dir.join("sidecar.log"), cfg.ready_timeout)
+    }
+
+    /// A command running `program args...` as the app: pod namespace, `app` cgroup.
+    pub fn app_command(&self, program: &str, args: &[&str]) -> Command {
+        command_in(Some(&self.pod), Some(&self.app_cgroup), program, args)
+    }
+
+    /// Runs `program args...` as the app to completion, killed after `timeout`.
+    pub fn run_app(&self, program: &str, args: &[&str], timeout: Duration) -> Result<Finished> {
+        run_timeout(&mut self.app_command(program, args), timeout)
+    }
+
+    /// Starts `program args...` as the app in the background (output to `<name>.log`).
+    pub fn spawn_app(&self, name: &str, program: &str, args: &[&str]) -> Result<Child> {
+        Child::spawn(
+            name,
+            self.app_command(program, args),
+            &self.dir.join(&format!("{name}.log")),
+        )
+    }
+
+    /// Runs `curl -sS --max-time <timeout> ARGS...` as the app. The process is also killed
+    /// at `timeout` plus a margin.
+    pub fn curl(&self, args: &[&str], timeout: Duration) -> Result<Finished> {
+        let max = format!("{:.1}", timeout.as_secs_f64());
+        let mut full = vec!["-sS", "--max-time", &max];
+        full.extend_from_slice(args);
+        self.run_app("curl", &full, timeout + Duration::from_secs(5))
+    }
+
+    /// Starts the TCP echo peer in svc on [`ECHO_PORT`].
+    pub fn start_echo_peer(&self) -> Result<EchoPeer> {
+        EchoPeer::start(
+            "echo-peer",
+            &self.svc,
+            ECHO_PORT,
+            SocketAddr::new(IpAddr::V4(SVC_V4), ECHO_PORT),
+            self.dir.path(),
+        )
+    }
+
+    /// Starts the UDP echo peer in svc on [`UDP_PORT`].
+    pub fn start_udp_peer(&self) -> Result<UdpPeer> {
+        UdpPeer::start("udp-peer", &self.svc, UDP_PORT, self.dir.path())
+    }
+
+    /// Starts an HTTP peer inside the pod namespace (outside the pod cgroup) on `port`, for
+    /// loopback destinations.
+    pub fn start_http_peer_in_pod(&self, port: u16) -> Result<HttpPeer> {
+        HttpPeer::start(
+            "pod-local-peer",
+            &self.pod,
+            port,
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+            self.dir.path(),
+        )
+    }
+
+    /// Runs the echo client as the app: sends `bytes` deterministic bytes to `host:port` and
+    /// checks the echo.
+    pub fn echo_client(
+        &self,
+        host: &str,
+        port: u16,
+        bytes: usize,
+        timeout: Duration,
+    ) -> Result<Finished> {
+        let script = peers_dir()
+            .join("tcp_echo.py")
+            .to_string_lossy()
+            .into_owned();
+        let port = port.to_string();
+        let bytes = bytes.to_string();
+        let t = format!("{}", timeout.as_secs().max(1));
+        self.run_app(
+            "python3",
+            &[
+                &script,
+                "client",
+                "--host",
+                host,
+                "--port",
+                &port,
+                "--bytes",
+                &bytes,
+                "--timeout",
+                &t,
+            ],
+            timeout + Duration::from_secs(5),
+        )
+    }
+
+    /// Sends one UDP datagram (connected socket) as the app and waits for the echo.
+    pub fn udp_send(&self, host: &str, port: u16, payload: &[u8]) -> Result<Finished> {
+        let script = peers_dir()
+            .join("udp_echo.py")
+            .to_string_lossy()
+            .into_owned();
+        let port = port.to_string();
+        let payload = hex::encode(payload);
+        self.run_app(
+            "python3",
+            &[
+                &script,
+                "send",
+                "--host",
+                host,
+                "--port",
+                &port,
+                "--payload-hex",
+                &payload,
+            ],
+            Duration::from_secs(15),
+        )
+    }
+}
