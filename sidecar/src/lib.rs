@@ -5,6 +5,7 @@ pub mod cli;
 pub mod ebpf;
 pub mod export;
 pub mod kernel;
+pub mod policy;
 pub mod protocol;
 pub mod proxy;
 pub mod run;
