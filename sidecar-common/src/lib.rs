@@ -4,6 +4,9 @@
 //! and userspace views of a map entry are byte-identical and `aya::Pod` is sound.
 #![no_std]
 
+pub mod observe;
+pub mod policy;
+
 /// `AF_INET`, as the kernel spells address families.
 pub const AF_INET: u32 = 2;
 /// `AF_INET6`.

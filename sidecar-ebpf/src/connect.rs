@@ -3,9 +3,10 @@
 //!
 //! Never redirected: non-TCP sockets, redirection disabled (port 0), connects made from the
 //! sidecar's own cgroup, local destinations (127.0.0.0/8, 0.0.0.0, ::1, ::), IPv4-mapped IPv6
-//! destinations, the proxy port itself, and any connect while nothing listens on the proxy
-//! address in the socket's network namespace (fail-open). The programs always allow the
-//! connect: they can rewrite it, never block it.
+//! destinations, the proxy port itself, destinations excluded by policy (excluded ports and
+//! networks, or outside the include list when one is set; see [`crate::policy`]), and any
+//! connect while nothing listens on the proxy address in the socket's network namespace
+//! (fail-open). The programs always allow the connect: they can rewrite it, never block it.
 
 use aya_ebpf::{
     bindings::{
@@ -29,6 +30,7 @@ use crate::{
         LOOPBACK_V6, SOCK_STREAM,
     },
     maps::{config, ORIG_DST_BY_COOKIE},
+    policy::{skip_outbound_v4, skip_outbound_v6},
 };
 
 /// Return value of a `cgroup/connect*` program that lets the connect proceed.
@@ -38,6 +40,8 @@ const ALLOW: i32 = 1;
 enum Skip {
     /// The connect is out of scope (see the module documentation).
     NotOurs,
+    /// Excluded by policy: excluded port or network, or outside an active include list.
+    Policy,
     /// The proxy is not listening: fail open.
     ProxyDown,
     /// The original destination could not be recorded; redirecting would lose it.
@@ -137,6 +141,9 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<(), Skip> {
     if is_local_v4(ip) || port == proxy_port {
         return Err(Skip::NotOurs);
     }
+    if skip_outbound_v4(ip, port) {
+        return Err(Skip::Policy);
+    }
 
     // Only the ipv4 member is read by the lookup (`tuple_size` bytes); saddr/sport stay zero.
     let mut tuple = bpf_sock_tuple {
@@ -170,6 +177,9 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<(), Skip> {
     let port = dst_port(sa);
     if is_local_or_mapped_v6(ip) || port == proxy_port {
         return Err(Skip::NotOurs);
+    }
+    if skip_outbound_v6(ip, port) {
+        return Err(Skip::Policy);
     }
 
     // Only the ipv6 member is read by the lookup (`tuple_size` bytes); saddr/sport stay zero.

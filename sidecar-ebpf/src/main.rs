@@ -7,8 +7,13 @@
 //! - [`sockops`]: on the pod cgroup, moves that record to the application socket's local address
 //!   once the connection is established, and forgets it when the socket closes;
 //! - [`getsockopt`]: `cgroup/getsockopt` on the sidecar's own cgroup answers
-//!   `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST` for sockets the proxy accepted.
+//!   `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST` for sockets the proxy accepted;
+//! - [`sk_lookup`]: on the pod's network namespace, steers inbound TCP to the served ports
+//!   onto the proxy's inbound listener.
 //!
+//! Policy lookups (exclusions, include list, inbound ports) are in [`policy`].
+//! TCP observation (RTT, retransmits, bytes, outcome per connection, emitted through a ring
+//! buffer) runs inside `sockops` ([`observe`]) with [`tcp_reset`] marking resets.
 //! Maps are declared in [`maps`]; kernel constants and context readers in [`kernel`].
 #![no_std]
 #![no_main]
@@ -17,7 +22,11 @@ mod connect;
 mod getsockopt;
 mod kernel;
 mod maps;
+mod observe;
+mod policy;
+mod sk_lookup;
 mod sockops;
+mod tcp_reset;
 
 /// eBPF programs cannot unwind or print; nothing in them can panic at run time (the verifier
 /// would reject a program that reached this), so this handler only satisfies `no_std`.

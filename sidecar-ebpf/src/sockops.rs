@@ -2,13 +2,17 @@
 //! original destination by the application socket's local address (the proxy sees that address
 //! as its peer), and delete the record when the socket closes.
 //!
+//! It also drives the TCP observation of every non-loopback connection of the pod
+//! ([`crate::observe`]).
+//!
 //! Only sockets found in `ORIG_DST_BY_COOKIE` are followed: for those the state callback is
 //! switched on at connect time, so a connect that never establishes drops its cookie entry
 //! as well, and an established one drops its peer entry on `TCP_CLOSE`.
 
 use aya_ebpf::{
     bindings::{
-        bpf_sock_ops, BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        bpf_sock_ops, BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTO_CB, BPF_SOCK_OPS_STATE_CB,
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
     },
     helpers::bpf_get_socket_cookie,
@@ -21,6 +25,7 @@ use sidecar_common::{SockAddr, AF_INET, AF_INET6};
 use crate::{
     kernel::read_words,
     maps::{ORIG_DST_BY_COOKIE, ORIG_DST_BY_PEER},
+    observe,
 };
 
 /// Why a callback did nothing; only for readability.
@@ -40,6 +45,16 @@ pub fn sc_sockops(ctx: SockOpsContext) -> u32 {
 }
 
 fn try_sockops(ctx: &SockOpsContext) -> Result<(), Skip> {
+    // TCP observation (RTT, bytes, outcome) of every non-loopback connection comes first; the
+    // redirect bookkeeping below is independent of it.
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => observe::on_connect(ctx, cookie(ctx)),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => observe::on_active_established(ctx, cookie(ctx)),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => observe::on_passive_established(ctx, cookie(ctx)),
+        BPF_SOCK_OPS_STATE_CB => observe::on_state_change(ctx, cookie(ctx)),
+        BPF_SOCK_OPS_RTO_CB => observe::on_rto(ctx, cookie(ctx)),
+        _ => {}
+    }
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(ctx),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(ctx),

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::policy::{CidrSelection, CidrSet, PolicyConfig, PortSelection, PortSet};
+
 /// Exit code for invalid usage or configuration (EX_USAGE from sysexits.h).
 pub const EXIT_USAGE: u8 = 64;
 
@@ -22,6 +24,8 @@ pub struct Cli {
 }
 
 /// Subcommands.
+// Parsed once per process: the size of `RunArgs` inline costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Attach the interception programs to a cgroup and run the proxy until SIGTERM/SIGINT.
@@ -36,9 +40,11 @@ pub enum Command {
 /// Flags of `sidecar run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// cgroup v2 directory whose processes' outbound TCP connections are redirected (the pod).
+    /// cgroup v2 directory whose processes' outbound TCP connections are redirected (the pod)
+    /// [default: the parent of this container's own cgroup, found from /proc/self/cgroup; see
+    /// --host-cgroup-root].
     #[arg(long, env = "SIDECAR_CGROUP", value_name = "DIR")]
-    pub cgroup: PathBuf,
+    pub cgroup: Option<PathBuf>,
 
     /// cgroup v2 directory of the proxy itself, whose connections are never redirected
     /// [default: this process's own cgroup, from /proc/self/cgroup].
@@ -101,12 +107,94 @@ pub struct RunArgs {
     #[arg(long, env = "SIDECAR_CONNECT_TIMEOUT", value_name = "SECS", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub connect_timeout: u64,
+
+    /// Port of the proxy's inbound listener, where steered inbound connections arrive.
+    #[arg(long, env = "SIDECAR_INBOUND_PORT", value_name = "PORT", default_value_t = 15006,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub inbound_port: u16,
+
+    /// Outbound destination ports never redirected: a comma list of ports and ranges, e.g.
+    /// `5432,8000-8100`. Added to the ports the pod's annotations exclude.
+    #[arg(long, env = "SIDECAR_EXCLUDE_OUTBOUND_PORTS", value_name = "PORTS")]
+    pub exclude_outbound_ports: Option<PortSet>,
+
+    /// Outbound destination networks never redirected: a comma list of CIDRs or addresses,
+    /// IPv4 and IPv6, e.g. `169.254.169.254/32,10.0.0.0/8`. Added to the annotations' ones.
+    #[arg(long, env = "SIDECAR_EXCLUDE_OUTBOUND_CIDRS", value_name = "CIDRS")]
+    pub exclude_outbound_cidrs: Option<CidrSet>,
+
+    /// Only outbound destinations inside these networks are redirected (exclusions still
+    /// apply); `*` = all. Overrides the annotations' include list [default: the annotation's,
+    /// else `*`].
+    #[arg(long, env = "SIDECAR_INCLUDE_OUTBOUND_CIDRS", value_name = "CIDRS")]
+    pub include_outbound_cidrs: Option<CidrSelection>,
+
+    /// Inbound ports never steered to the proxy: a comma list of ports and ranges. Added to the
+    /// ports the annotations exclude.
+    #[arg(long, env = "SIDECAR_EXCLUDE_INBOUND_PORTS", value_name = "PORTS")]
+    pub exclude_inbound_ports: Option<PortSet>,
+
+    /// Inbound ports steered to the proxy; `*` = every port the pod listens on (discovered).
+    /// Overrides the annotations' include list [default: the annotation's, else `*`].
+    #[arg(long, env = "SIDECAR_INCLUDE_INBOUND_PORTS", value_name = "PORTS")]
+    pub include_inbound_ports: Option<PortSelection>,
+
+    /// The pod's annotations as the Downward API writes them (`key="value"` lines); read at
+    /// start, every 2 s and on SIGHUP. A missing file means no annotations.
+    #[arg(
+        long,
+        env = "SIDECAR_ANNOTATIONS_FILE",
+        value_name = "PATH",
+        default_value = "/etc/podinfo/annotations"
+    )]
+    pub annotations_file: PathBuf,
+
+    /// The host's cgroup v2 hierarchy as mounted in this container; searched for the sidecar's
+    /// own cgroup when `--cgroup` is not given and the container has a private cgroup
+    /// namespace.
+    #[arg(
+        long,
+        env = "SIDECAR_HOST_CGROUP_ROOT",
+        value_name = "DIR",
+        default_value = "/sys/fs/cgroup"
+    )]
+    pub host_cgroup_root: PathBuf,
 }
 
 impl RunArgs {
     /// Drain bound after a stop signal.
     pub fn drain(&self) -> Duration {
         Duration::from_secs(self.drain_timeout)
+    }
+
+    /// The sidecar's own ports (outbound and inbound listeners), never steered inbound.
+    pub fn own_ports(&self) -> std::collections::BTreeSet<u16> {
+        [self.outbound_port, self.inbound_port]
+            .into_iter()
+            .collect()
+    }
+
+    /// The interception policy as set by flags and environment.
+    pub fn policy_config(&self) -> PolicyConfig {
+        PolicyConfig {
+            exclude_outbound_ports: self
+                .exclude_outbound_ports
+                .clone()
+                .map(|s| s.0)
+                .unwrap_or_default(),
+            exclude_outbound_cidrs: self
+                .exclude_outbound_cidrs
+                .clone()
+                .map(|s| s.0)
+                .unwrap_or_default(),
+            include_outbound_cidrs: self.include_outbound_cidrs.clone(),
+            exclude_inbound_ports: self
+                .exclude_inbound_ports
+                .clone()
+                .map(|s| s.0)
+                .unwrap_or_default(),
+            include_inbound_ports: self.include_inbound_ports.clone(),
+        }
     }
 }
 
@@ -181,17 +269,169 @@ mod tests {
         assert_eq!(args.outbound_port, 15001);
         assert_eq!(args.summary_interval, 10);
         assert_eq!(args.drain(), Duration::from_secs(5));
-        assert_eq!(args.cgroup, PathBuf::from("/sys/fs/cgroup/pod"));
+        assert_eq!(args.cgroup, Some(PathBuf::from("/sys/fs/cgroup/pod")));
     }
 
     #[test]
     fn rejects_bad_values_with_usage_errors() {
-        assert!(parse(&["run"]).is_err(), "--cgroup is required");
+        let Command::Run(args) = parse(&["run"]).unwrap().command else {
+            panic!("expected run")
+        };
+        assert_eq!(
+            args.cgroup, None,
+            "--cgroup is optional: discovered when absent"
+        );
         assert!(parse(&["run", "--cgroup", "/x", "--outbound-port", "0"]).is_err());
         assert!(parse(&["run", "--cgroup", "/x", "--outbound-port", "70000"]).is_err());
         assert!(parse(&["run", "--cgroup", "/x", "--otlp-endpoint", "collector:4317"]).is_err());
         assert!(parse(&["run", "--cgroup", "/x", "--metric-export-interval", "0"]).is_err());
         assert!(parse(&["run", "--cgroup", "/x", "--bogus"]).is_err());
+    }
+
+    fn run_args(args: &[&str]) -> RunArgs {
+        let all: Vec<&str> = ["run", "--cgroup", "/x"]
+            .iter()
+            .chain(args)
+            .copied()
+            .collect();
+        match parse(&all).unwrap().command {
+            Command::Run(args) => args,
+            Command::Check => panic!("expected run"),
+        }
+    }
+
+    fn ports(p: &[u16]) -> std::collections::BTreeSet<u16> {
+        p.iter().copied().collect()
+    }
+
+    #[test]
+    fn policy_flags_parse_comma_lists() {
+        let args = run_args(&[
+            "--exclude-outbound-ports",
+            " 5432, ,8000-8002 ",
+            "--exclude-outbound-cidrs",
+            "169.254.169.254, fd00::/8",
+            "--include-outbound-cidrs",
+            "10.96.0.0/12",
+            "--exclude-inbound-ports",
+            "9090",
+            "--include-inbound-ports",
+            "*",
+            "--inbound-port",
+            "16006",
+            "--annotations-file",
+            "/run/podinfo/annotations",
+            "--host-cgroup-root",
+            "/host/sys/fs/cgroup",
+        ]);
+        let policy = args.policy_config();
+        assert_eq!(
+            policy.exclude_outbound_ports,
+            ports(&[5432, 8000, 8001, 8002])
+        );
+        assert_eq!(
+            policy.exclude_outbound_cidrs,
+            crate::policy::parse_cidrs("169.254.169.254/32,fd00::/8").unwrap()
+        );
+        assert_eq!(
+            policy.include_outbound_cidrs,
+            Some(CidrSelection::Only(
+                crate::policy::parse_cidrs("10.96.0.0/12").unwrap()
+            ))
+        );
+        assert_eq!(policy.exclude_inbound_ports, ports(&[9090]));
+        assert_eq!(policy.include_inbound_ports, Some(PortSelection::All));
+        assert_eq!(args.inbound_port, 16006);
+        assert_eq!(args.own_ports(), ports(&[15001, 16006]));
+        assert_eq!(
+            args.annotations_file,
+            PathBuf::from("/run/podinfo/annotations")
+        );
+        assert_eq!(args.host_cgroup_root, PathBuf::from("/host/sys/fs/cgroup"));
+    }
+
+    #[test]
+    fn bad_policy_items_are_usage_errors_naming_flag_and_items() {
+        let cases: &[(&str, &str, &[&str])] = &[
+            (
+                "--exclude-outbound-ports",
+                "80,http,0,9-1",
+                &["`http`", "`0`", "`9-1`"],
+            ),
+            ("--exclude-inbound-ports", "70000", &["`70000`"]),
+            ("--include-inbound-ports", "80,abc", &["`abc`"]),
+            (
+                "--exclude-outbound-cidrs",
+                "10.0.0.0/8, 10.0.0.0/99",
+                &["`10.0.0.0/99`"],
+            ),
+            ("--include-outbound-cidrs", "nope", &["`nope`"]),
+            ("--include-outbound-cidrs", ",", &["the list is empty"]),
+            ("--include-inbound-ports", "", &["the list is empty"]),
+        ];
+        for (flag, value, items) in cases {
+            let err = parse(&["run", "--cgroup", "/x", flag, value]).unwrap_err();
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::ValueValidation,
+                "{flag}"
+            );
+            // `main` turns every error printed to stderr into EXIT_USAGE (64).
+            assert!(err.use_stderr(), "{flag}");
+            let text = err.to_string();
+            assert!(text.contains(flag), "{flag}: {text}");
+            for item in *items {
+                assert!(text.contains(item), "{flag}: {item} not in {text}");
+            }
+        }
+        assert!(parse(&["run", "--cgroup", "/x", "--inbound-port", "0"]).is_err());
+    }
+
+    #[test]
+    fn policy_flags_default_to_unset_and_read_the_environment() {
+        // The only test that sets these variables (tests run in parallel); all values valid.
+        let vars = [
+            ("SIDECAR_EXCLUDE_OUTBOUND_PORTS", "3306"),
+            ("SIDECAR_EXCLUDE_OUTBOUND_CIDRS", "10.0.0.0/8"),
+            ("SIDECAR_INCLUDE_OUTBOUND_CIDRS", "*"),
+            ("SIDECAR_EXCLUDE_INBOUND_PORTS", "9000-9001"),
+            ("SIDECAR_INCLUDE_INBOUND_PORTS", "8080"),
+            ("SIDECAR_INBOUND_PORT", "15106"),
+            ("SIDECAR_ANNOTATIONS_FILE", "/a"),
+            ("SIDECAR_HOST_CGROUP_ROOT", "/h"),
+        ];
+        let defaults = run_args(&[]);
+        assert_eq!(defaults.policy_config(), PolicyConfig::default());
+        assert_eq!(defaults.inbound_port, 15006);
+        assert_eq!(
+            defaults.annotations_file,
+            PathBuf::from("/etc/podinfo/annotations")
+        );
+        assert_eq!(defaults.host_cgroup_root, PathBuf::from("/sys/fs/cgroup"));
+        for (k, v) in vars {
+            std::env::set_var(k, v);
+        }
+        let args = run_args(&[]);
+        let flag_wins = run_args(&["--exclude-outbound-ports", "25"]);
+        for (k, _) in vars {
+            std::env::remove_var(k);
+        }
+        let policy = args.policy_config();
+        assert_eq!(policy.exclude_outbound_ports, ports(&[3306]));
+        assert_eq!(policy.exclude_outbound_cidrs.len(), 1);
+        assert_eq!(policy.include_outbound_cidrs, Some(CidrSelection::All));
+        assert_eq!(policy.exclude_inbound_ports, ports(&[9000, 9001]));
+        assert_eq!(
+            policy.include_inbound_ports,
+            Some(PortSelection::Only(ports(&[8080])))
+        );
+        assert_eq!(args.inbound_port, 15106);
+        assert_eq!(args.annotations_file, PathBuf::from("/a"));
+        assert_eq!(args.host_cgroup_root, PathBuf::from("/h"));
+        assert_eq!(
+            flag_wins.policy_config().exclude_outbound_ports,
+            ports(&[25])
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! request, and exports metrics and traces over OTLP.
 
 pub mod cli;
+pub mod discover;
 pub mod ebpf;
 pub mod export;
 pub mod kernel;

@@ -11,6 +11,14 @@
 //! | `sc_sockops`    | `sockops`           | target (pod/app) |
 //! | `sc_connect4`   | `cgroup/connect4`   | target (pod/app) |
 //! | `sc_connect6`   | `cgroup/connect6`   | target (pod/app) |
+//! | `sc_sk_lookup`  | `sk_lookup`         | (the caller's network namespace, by [`inbound`]) |
+//! | `sc_tcp_receive_reset` | tracepoint `tcp/tcp_receive_reset` | (system-wide, by [`observe`]; optional) |
+//!
+//! TCP observation (per-connection RTT, retransmits, bytes, outcome from `sockops`, read from
+//! a ring buffer) is set up by [`observe`]; the programs' aya-log lines are bridged by [`log`].
+//!
+//! The interception policy (exclusions, include list, inbound ports) lives in maps written by
+//! [`policy`]; inbound steering is attached by [`inbound`].
 //!
 //! The links are owned by this process (bpf_link on kernels >= 5.7): they vanish when the
 //! [`Interception`] is dropped or the process exits, and nothing is pinned.
@@ -30,6 +38,11 @@ use aya::{
 };
 use sidecar_common::{ConfigKey, SockAddr, DEFAULT_PAGE_SIZE};
 use tracing::{debug, info, warn};
+
+pub mod inbound;
+pub mod log;
+pub mod observe;
+pub mod policy;
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded by `build.rs` (empty when the
 /// binary was built before the object existed).
@@ -169,6 +182,46 @@ pub enum EbpfError {
         #[source]
         source: ProgramError,
     },
+    /// A policy has more entries than a kernel map holds; nothing was changed.
+    #[error("policy too large for eBPF map {map}: {len} entries, at most {max}")]
+    PolicyTooLarge {
+        /// Map name.
+        map: &'static str,
+        /// Entries asked for.
+        len: usize,
+        /// The map's bound.
+        max: u32,
+    },
+    /// A socket given as inbound listener cannot be used.
+    #[error("inbound listener: {reason}")]
+    InboundListener {
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The network namespace to attach to could not be opened.
+    #[error("network namespace {}: {source}", path.display())]
+    Netns {
+        /// The namespace file.
+        path: PathBuf,
+        /// Why it could not be opened.
+        #[source]
+        source: io::Error,
+    },
+    /// Attaching a program to a network namespace failed.
+    #[error(
+        "cannot attach eBPF program {program} to the network namespace: {}",
+        chain(source)
+    )]
+    AttachNetns {
+        /// Program name.
+        program: &'static str,
+        /// The error.
+        #[source]
+        source: ProgramError,
+    },
+    /// The TCP observation reader was already taken.
+    #[error("the TCP observation reader was already taken")]
+    ObserverTaken,
     /// Reading or writing a map failed.
     #[error("eBPF map {map}: {}", chain(source))]
     Map {
@@ -197,6 +250,12 @@ pub struct Interception {
     bpf: Ebpf,
     target_cgroup: PathBuf,
     sidecar_cgroup: PathBuf,
+    /// Policy maps, written from `&self` by [`Interception::apply_policy`].
+    policy: policy::SharedPolicyMaps,
+    /// Inbound steering, once [`Interception::attach_inbound`] ran.
+    inbound: Option<inbound::Inbound>,
+    /// The TCP observation reader until [`Interception::take_observer`] hands it out.
+    observer: Option<observe::TcpObserver>,
 }
 
 impl std::fmt::Debug for Interception {
@@ -234,6 +293,10 @@ impl Interception {
         for program in PROGRAMS {
             load_program(&mut bpf, program)?;
         }
+        // TCP observation: reset tracepoint and ring buffer, ready before sockops runs.
+        let observer = observe::prepare(&mut bpf)?;
+        // Policy maps, empty until `apply_policy`: an empty policy redirects everything.
+        let policy = policy::PolicyMaps::take(&mut bpf)?;
 
         let target = open_cgroup(&cfg.target_cgroup)?;
         let sidecar = open_cgroup(&sidecar_cgroup)?;
@@ -254,6 +317,9 @@ impl Interception {
             bpf,
             target_cgroup: cfg.target_cgroup.clone(),
             sidecar_cgroup,
+            policy: std::sync::Mutex::new(policy),
+            inbound: None,
+            observer: Some(observer),
         })
     }
 

@@ -1,8 +1,10 @@
-//! HTTP/1.x measurement: parses request and response heads on the fly, follows body framing
-//! (length, chunked, until close) without buffering bodies, injects `traceparent`, and reports
-//! each exchange to telemetry. Requests and responses run independently, so pipelining works;
-//! anything it cannot follow is forwarded opaquely from that point on.
+//! HTTP/1.x measurement, in both directions: parses request and response heads on the fly,
+//! follows body framing (length, chunked, until close) without buffering bodies, injects
+//! `traceparent`, and reports each exchange to telemetry (a CLIENT span for outbound requests,
+//! a SERVER span for inbound ones). Requests and responses run independently, so pipelining
+//! works; anything it cannot follow is forwarded opaquely from that point on.
 
+use std::net::SocketAddr;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -15,9 +17,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::chunked::ChunkedDecoder;
 use crate::proxy::forward::{self, read_into, shutdown_write, write_counted, ConnShared, DirEnd};
+use crate::proxy::sockopt;
 use crate::telemetry::{
-    ClientRequest, ConnectionProtocol, ErrorType, HttpRequestEnd, HttpRequestStart, HttpVersion,
-    Telemetry,
+    ClientRequest, ConnectionDirection, ConnectionProtocol, ErrorType, HttpRequestEnd,
+    HttpRequestStart, HttpVersion, ServerRequest, ServerRequestInfo, Telemetry,
 };
 
 /// Most header fields accepted in one head; more makes the connection opaque.
@@ -61,6 +64,7 @@ struct RequestHead {
     host: Option<Range<usize>>,
     traceparent: Vec<HeaderLoc>,
     tracestate: Option<Range<usize>>,
+    user_agent: Option<Range<usize>>,
     framing: Framing,
     upgrade: bool,
     /// Where a new header line goes: after the last header line.
@@ -189,6 +193,7 @@ fn request_head_positions(
     let mut host = None;
     let mut traceparent = Vec::new();
     let mut tracestate = None;
+    let mut user_agent = None;
     let mut upgrade = false;
     let mut lengths = LengthHeaders::default();
     for h in req.headers.iter() {
@@ -210,6 +215,8 @@ fn request_head_positions(
             tracestate.get_or_insert(value);
         } else if h.name.eq_ignore_ascii_case("upgrade") {
             upgrade = true;
+        } else if h.name.eq_ignore_ascii_case("user-agent") {
+            user_agent.get_or_insert(value);
         }
     }
     if insert_at >= len {
@@ -237,6 +244,7 @@ fn request_head_positions(
         host,
         traceparent,
         tracestate,
+        user_agent,
         framing,
         upgrade,
         insert_at,
@@ -317,12 +325,55 @@ fn str_at(buf: &[u8], range: Range<usize>) -> Option<&str> {
     std::str::from_utf8(buf.get(range)?).ok()
 }
 
-/// Ends a request's CLIENT span exactly once: explicitly when its response is complete, or
-/// when dropped (connection failed or task aborted) with the connection's error.
+/// The telemetry of one request in flight: a CLIENT span (outbound) or a SERVER span (inbound).
+enum Measured {
+    Client(ClientRequest),
+    Server(ServerRequest),
+}
+
+impl Measured {
+    fn traceparent(&self) -> Option<&str> {
+        match self {
+            Measured::Client(r) => r.traceparent(),
+            Measured::Server(r) => r.traceparent(),
+        }
+    }
+
+    /// Adds the `TCP_INFO` attributes of `socket` to a recording span (one `getsockopt`).
+    fn add_tcp_info(&mut self, socket: &TcpStream) {
+        let recording = match self {
+            Measured::Client(r) => r.is_recording(),
+            Measured::Server(r) => r.is_recording(),
+        };
+        if !recording {
+            return;
+        }
+        match sockopt::tcp_info(socket) {
+            Ok(info) => match self {
+                Measured::Client(r) => r.set_tcp_info(info.rtt, info.total_retrans),
+                Measured::Server(r) => r.set_tcp_info(info.rtt, info.total_retrans),
+            },
+            Err(e) => tracing::trace!(error = %e, "TCP_INFO unavailable"),
+        }
+    }
+
+    fn end(self, telemetry: &Telemetry, end: HttpRequestEnd) {
+        match self {
+            Measured::Client(r) => telemetry.client_request_end(r, end),
+            Measured::Server(r) => telemetry.server_request_end(r, end),
+        }
+    }
+}
+
+/// Ends a request's span exactly once: explicitly when its response is complete, or when
+/// dropped (connection failed or task aborted) with the connection's error.
 struct RequestGuard<'a> {
     telemetry: &'a Telemetry,
     shared: &'a ConnShared,
-    req: Option<ClientRequest>,
+    /// The socket whose `TCP_INFO` goes on the span: the upstream one for a CLIENT span, the
+    /// accepted (client-facing) one for a SERVER span.
+    tcp_socket: &'a TcpStream,
+    req: Option<Measured>,
     request_body: Arc<AtomicU64>,
     status: Option<u16>,
     response_body: u64,
@@ -332,7 +383,8 @@ struct RequestGuard<'a> {
 
 impl RequestGuard<'_> {
     fn finish(&mut self, error: Option<ErrorType>) {
-        if let Some(req) = self.req.take() {
+        if let Some(mut req) = self.req.take() {
+            req.add_tcp_info(self.tcp_socket);
             let end = HttpRequestEnd {
                 status: self.status,
                 request_body_bytes: self.request_body.load(Ordering::Relaxed),
@@ -348,7 +400,7 @@ impl RequestGuard<'_> {
                 error: end.error,
                 ..std::mem::take(&mut self.observed)
             };
-            self.telemetry.client_request_end(req, end);
+            req.end(self.telemetry, end);
             #[cfg(test)]
             crate::proxy::observe::push_exchange(self.shared.destination, observed);
         }
@@ -446,6 +498,12 @@ pub(crate) struct Http1<'a> {
     pub telemetry: &'a Telemetry,
     /// Largest request or response head followed; larger ones make the rest opaque.
     pub max_head_bytes: usize,
+    /// Outbound: `client` is the pod's application and requests get CLIENT spans. Inbound:
+    /// `client` is the remote caller, `upstream` the application, and requests get SERVER
+    /// spans.
+    pub direction: ConnectionDirection,
+    /// Remote end of `client` (`client.address` of SERVER spans).
+    pub peer: SocketAddr,
 }
 
 impl<'a> Http1<'a> {
@@ -558,9 +616,21 @@ impl<'a> Http1<'a> {
                 start: first_byte_at,
                 reused_connection: reused,
             };
-            let req = self.telemetry.client_request_start(&start);
+            let req = match self.direction {
+                ConnectionDirection::Outbound => {
+                    Measured::Client(self.telemetry.client_request_start(&start))
+                }
+                ConnectionDirection::Inbound => {
+                    let info = ServerRequestInfo {
+                        client: self.peer,
+                        user_agent: head.user_agent.clone().and_then(|r| str_at(&buf, r)),
+                    };
+                    Measured::Server(self.telemetry.server_request_start(&start, &info))
+                }
+            };
             #[cfg(test)]
             let observed = crate::proxy::observe::Exchange {
+                inbound: self.direction == ConnectionDirection::Inbound,
                 method: start.method.to_owned(),
                 target: start.target.to_owned(),
                 reused,
@@ -586,6 +656,10 @@ impl<'a> Http1<'a> {
                 guard: RequestGuard {
                     telemetry: self.telemetry,
                     shared,
+                    tcp_socket: match self.direction {
+                        ConnectionDirection::Outbound => self.upstream,
+                        ConnectionDirection::Inbound => self.client,
+                    },
                     req: Some(req),
                     request_body: Arc::clone(&request_body),
                     status: None,
@@ -912,7 +986,7 @@ mod tests {
 
     #[test]
     fn request_fields_are_located() {
-        let buf = b"\r\nPURGE http://h/p?q HTTP/1.0\r\nhost: h\r\ntracestate: a=1\r\nUpgrade: x\r\n\r\nNEXT";
+        let buf = b"\r\nPURGE http://h/p?q HTTP/1.0\r\nhost: h\r\ntracestate: a=1\r\nUpgrade: x\r\nuser-agent: ua/1\r\n\r\nNEXT";
         let h = request(buf);
         assert_eq!(h.len, buf.len() - 4);
         assert_eq!(str_at(buf, h.method.clone()), Some("PURGE"));
@@ -921,6 +995,10 @@ mod tests {
         assert_eq!(
             h.tracestate.clone().and_then(|r| str_at(buf, r)),
             Some("a=1")
+        );
+        assert_eq!(
+            h.user_agent.clone().and_then(|r| str_at(buf, r)),
+            Some("ua/1")
         );
         assert_eq!(h.version, HttpVersion::Http10);
         assert!(h.upgrade);

@@ -1,8 +1,11 @@
-//! The outbound proxy: listeners for redirected connections, original-destination lookup,
-//! upstream connect, protocol dispatch, and graceful drain on shutdown.
+//! The proxy: outbound listeners for redirected connections and inbound listeners for steered
+//! ones, original-destination lookup, upstream connect, protocol dispatch, and graceful drain
+//! on shutdown.
 
 pub mod forward;
+pub mod inbound;
 pub mod orig_dst;
+pub(crate) mod sockopt;
 
 #[cfg(test)]
 pub(crate) mod observe;
@@ -11,6 +14,7 @@ mod tests;
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
@@ -21,14 +25,19 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-pub use orig_dst::{MockOrigDst, OriginalDst, SoOriginalDst};
+pub use orig_dst::{LocalAddrDst, MockOrigDst, OriginalDst, SoOriginalDst};
 
 use crate::protocol::{self, http1::Http1};
-use crate::telemetry::{ConnectionProtocol, ErrorType, TcpConnectionRecord, Telemetry};
+use crate::telemetry::{
+    ConnectionDirection, ConnectionProtocol, ErrorType, TcpConnectionRecord, Telemetry,
+};
 use forward::{error_type, reset_on_close, ConnShared};
 
 /// Default port the eBPF connect hooks redirect outbound connections to.
 pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
+
+/// Default port of the inbound listeners the `sk_lookup` program steers connections to.
+pub const DEFAULT_INBOUND_PORT: u16 = 15006;
 
 /// Listen backlog of each listener.
 const BACKLOG: i32 = 1024;
@@ -41,6 +50,9 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 pub struct ProxyConfig {
     /// Addresses the outbound listeners bind (one listener each).
     pub outbound_addrs: Vec<SocketAddr>,
+    /// Addresses the inbound listeners bind (one listener each; empty: no inbound path).
+    /// Steered connections arrive on them with the original destination as local address.
+    pub inbound_addrs: Vec<SocketAddr>,
     /// Longest wait for the upstream connect.
     pub connect_timeout: Duration,
     /// Longest wait for the application's first bytes before treating the connection as opaque.
@@ -55,6 +67,10 @@ impl Default for ProxyConfig {
             outbound_addrs: vec![
                 SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), DEFAULT_OUTBOUND_PORT),
                 SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), DEFAULT_OUTBOUND_PORT),
+            ],
+            inbound_addrs: vec![
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), DEFAULT_INBOUND_PORT),
+                SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), DEFAULT_INBOUND_PORT),
             ],
             connect_timeout: Duration::from_secs(5),
             detect_timeout: Duration::from_secs(5),
@@ -82,6 +98,10 @@ pub enum ProxyError {
     /// host without IPv6).
     #[error("no outbound listener could be bound")]
     NoListener,
+    /// Inbound addresses were configured but none could be bound for lack of the address
+    /// family.
+    #[error("no inbound listener could be bound")]
+    NoInboundListener,
 }
 
 /// What happened to in-flight connections at shutdown.
@@ -102,6 +122,8 @@ pub struct ProxyCounters {
     pub orig_dst_failures: AtomicU64,
     /// Connections refused because they were aimed at the proxy itself.
     pub loops_refused: AtomicU64,
+    /// Inbound connections accepted (included in `accepted`).
+    pub inbound_accepted: AtomicU64,
     /// Upstream connects that failed or timed out.
     pub connect_failures: AtomicU64,
 }
@@ -109,7 +131,10 @@ pub struct ProxyCounters {
 /// What every connection task needs.
 struct Shared {
     cfg: ProxyConfig,
+    /// Original destination of outbound (redirected) connections.
     orig: Arc<dyn OriginalDst>,
+    /// Original destination of inbound (steered) connections.
+    inbound_dst: Arc<dyn OriginalDst>,
     telemetry: Telemetry,
     own_addrs: Vec<SocketAddr>,
     counters: Arc<ProxyCounters>,
@@ -127,10 +152,13 @@ impl Shared {
     }
 }
 
-/// The bound outbound proxy, ready to [`run`](Proxy::run).
+/// The bound proxy, ready to [`run`](Proxy::run).
 pub struct Proxy {
-    listeners: Vec<TcpListener>,
-    shared: Arc<Shared>,
+    outbound: Vec<TcpListener>,
+    inbound: Vec<TcpListener>,
+    outbound_addrs: Vec<SocketAddr>,
+    inbound_addrs: Vec<SocketAddr>,
+    shared: Shared,
 }
 
 /// Binds one listener: `SO_REUSEADDR`, `IPV6_V6ONLY` for IPv6, non-blocking.
@@ -154,9 +182,34 @@ fn ipv6_unavailable(e: &io::Error) -> bool {
     )
 }
 
+/// Binds one listener per address (`kind` names them in logs) and returns them with their
+/// bound addresses. An IPv6 address the host cannot bind only warns.
+fn bind_set(
+    addrs: &[SocketAddr],
+    kind: &str,
+) -> Result<(Vec<TcpListener>, Vec<SocketAddr>), ProxyError> {
+    let mut listeners = Vec::with_capacity(addrs.len());
+    let mut bound = Vec::with_capacity(addrs.len());
+    for &addr in addrs {
+        match bind_listener(addr).and_then(|l| Ok((l.local_addr()?, l))) {
+            Ok((local, listener)) => {
+                tracing::info!(addr = %local, "{kind} proxy listening");
+                listeners.push(listener);
+                bound.push(local);
+            }
+            Err(e) if addr.is_ipv6() && ipv6_unavailable(&e) => {
+                tracing::warn!(%addr, error = %e, "IPv6 {kind} listener unavailable; continuing without it");
+            }
+            Err(source) => return Err(ProxyError::Bind { addr, source }),
+        }
+    }
+    Ok((listeners, bound))
+}
+
 impl Proxy {
-    /// Binds the outbound listeners. An IPv6 address the host cannot bind (no IPv6) only
-    /// warns; any other bind failure, or no listener at all, is an error.
+    /// Binds the outbound and inbound listeners. An IPv6 address the host cannot bind (no
+    /// IPv6) only warns; any other bind failure, no outbound listener at all, or no inbound
+    /// listener when some were configured, is an error.
     pub async fn bind(
         cfg: ProxyConfig,
         orig: Arc<dyn OriginalDst>,
@@ -165,45 +218,58 @@ impl Proxy {
         if cfg.outbound_addrs.is_empty() {
             return Err(ProxyError::NoListenAddrs);
         }
-        let mut listeners = Vec::with_capacity(cfg.outbound_addrs.len());
-        for &addr in &cfg.outbound_addrs {
-            match bind_listener(addr) {
-                Ok(listener) => listeners.push(listener),
-                Err(e) if addr.is_ipv6() && ipv6_unavailable(&e) => {
-                    tracing::warn!(%addr, error = %e, "IPv6 outbound listener unavailable; continuing without it");
-                }
-                Err(source) => return Err(ProxyError::Bind { addr, source }),
-            }
-        }
-        if listeners.is_empty() {
+        let (outbound, outbound_addrs) = bind_set(&cfg.outbound_addrs, "outbound")?;
+        if outbound.is_empty() {
             return Err(ProxyError::NoListener);
         }
-        let own_addrs = listeners
-            .iter()
-            .map(TcpListener::local_addr)
-            .collect::<io::Result<Vec<_>>>()
-            .map_err(|source| ProxyError::Bind {
-                addr: cfg.outbound_addrs[0],
-                source,
-            })?;
-        for addr in &own_addrs {
-            tracing::info!(%addr, "outbound proxy listening");
+        let (inbound, inbound_addrs) = bind_set(&cfg.inbound_addrs, "inbound")?;
+        if inbound.is_empty() && !cfg.inbound_addrs.is_empty() {
+            return Err(ProxyError::NoInboundListener);
         }
+        let own_addrs = outbound_addrs
+            .iter()
+            .chain(&inbound_addrs)
+            .copied()
+            .collect();
         Ok(Self {
-            listeners,
-            shared: Arc::new(Shared {
+            outbound,
+            inbound,
+            outbound_addrs,
+            inbound_addrs,
+            shared: Shared {
                 cfg,
                 orig,
+                inbound_dst: Arc::new(LocalAddrDst),
                 telemetry,
                 own_addrs,
                 counters: Arc::default(),
-            }),
+            },
         })
     }
 
-    /// Addresses actually bound (ports resolved when 0 was asked).
+    /// Replaces how inbound connections find their original destination (by default the
+    /// accepted socket's local address, [`LocalAddrDst`]); for tests and demos without
+    /// `sk_lookup`.
+    #[must_use]
+    pub fn with_inbound_dst(mut self, inbound_dst: Arc<dyn OriginalDst>) -> Self {
+        self.shared.inbound_dst = inbound_dst;
+        self
+    }
+
+    /// Outbound listener addresses actually bound (ports resolved when 0 was asked).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.shared.own_addrs.clone()
+        self.outbound_addrs.clone()
+    }
+
+    /// Inbound listener addresses actually bound (ports resolved when 0 was asked).
+    pub fn inbound_local_addrs(&self) -> Vec<SocketAddr> {
+        self.inbound_addrs.clone()
+    }
+
+    /// The inbound listening sockets, for the `sk_lookup` program's socket map. They close
+    /// when [`run`](Proxy::run) is shut down (the kernel then stops steering: fail-open).
+    pub fn inbound_listener_fds(&self) -> Vec<BorrowedFd<'_>> {
+        self.inbound.iter().map(AsFd::as_fd).collect()
     }
 
     /// Proxy-level counters, live while the proxy runs.
@@ -211,21 +277,33 @@ impl Proxy {
         Arc::clone(&self.shared.counters)
     }
 
-    /// Accepts and proxies connections until `shutdown` fires, then closes the listeners at
-    /// once (so the eBPF redirection fails open), waits up to `drain` for in-flight
-    /// connections and aborts the rest.
+    /// Accepts and proxies connections until `shutdown` fires, then closes every listener at
+    /// once (so the eBPF redirection and steering fail open), waits up to `drain` for
+    /// in-flight connections and aborts the rest.
     pub async fn run(self, shutdown: CancellationToken, drain: Duration) -> DrainReport {
-        let Proxy { listeners, shared } = self;
+        let Proxy {
+            outbound,
+            inbound,
+            shared,
+            ..
+        } = self;
+        let shared = Arc::new(shared);
         let mut conns = JoinSet::new();
+        let mut inbound_first = false;
         loop {
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
                 Some(joined) = conns.join_next() => log_join(joined),
-                accepted = accept_any(&listeners) => match accepted {
+                (accepted, direction) = accept_any(&outbound, &inbound, inbound_first) => match accepted {
                     Ok((stream, peer)) => {
+                        // Alternate which set is polled first, so neither starves the other.
+                        inbound_first = !inbound_first;
                         shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
-                        conns.spawn(handle_connection(Arc::clone(&shared), stream, peer));
+                        if direction == ConnectionDirection::Inbound {
+                            shared.counters.inbound_accepted.fetch_add(1, Ordering::Relaxed);
+                        }
+                        conns.spawn(handle_connection(Arc::clone(&shared), stream, peer, direction));
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");
@@ -237,11 +315,12 @@ impl Proxy {
                 },
             }
         }
-        drop(listeners);
+        drop(outbound);
+        drop(inbound);
         tracing::info!(
             in_flight = conns.len(),
             ?drain,
-            "outbound listeners closed; draining connections"
+            "listeners closed; draining connections"
         );
         let mut drained = 0;
         let _ = tokio::time::timeout(drain, async {
@@ -269,14 +348,30 @@ fn log_join(joined: Result<(), tokio::task::JoinError>) {
     }
 }
 
-/// Accepts from whichever listener has a connection ready.
-fn accept_any(
-    listeners: &[TcpListener],
-) -> impl std::future::Future<Output = io::Result<(TcpStream, SocketAddr)>> + '_ {
+/// Accepts from whichever listener has a connection ready, and tells which set it came from.
+fn accept_any<'a>(
+    outbound: &'a [TcpListener],
+    inbound: &'a [TcpListener],
+    inbound_first: bool,
+) -> impl std::future::Future<Output = (io::Result<(TcpStream, SocketAddr)>, ConnectionDirection)> + 'a
+{
+    let sets = if inbound_first {
+        [
+            (inbound, ConnectionDirection::Inbound),
+            (outbound, ConnectionDirection::Outbound),
+        ]
+    } else {
+        [
+            (outbound, ConnectionDirection::Outbound),
+            (inbound, ConnectionDirection::Inbound),
+        ]
+    };
     std::future::poll_fn(move |cx| {
-        for listener in listeners {
-            if let Poll::Ready(res) = listener.poll_accept(cx) {
-                return Poll::Ready(res);
+        for (listeners, direction) in &sets {
+            for listener in *listeners {
+                if let Poll::Ready(res) = listener.poll_accept(cx) {
+                    return Poll::Ready((res, *direction));
+                }
             }
         }
         Poll::Pending
@@ -286,6 +381,7 @@ fn accept_any(
 /// Records the connection when dropped, however its task ends (also when aborted).
 struct ConnRecord {
     telemetry: Telemetry,
+    direction: ConnectionDirection,
     shared: Arc<ConnShared>,
     accepted_at: Instant,
     finished: AtomicBool,
@@ -305,11 +401,13 @@ impl Drop for ConnRecord {
             protocol: self.shared.protocol(),
             error: self.shared.error(),
         };
-        self.telemetry.tcp_connection(&rec);
+        self.telemetry
+            .tcp_connection_with_direction(&rec, self.direction);
         #[cfg(test)]
         observe::push_connection(
             rec.destination,
             observe::Connection {
+                inbound: self.direction == ConnectionDirection::Inbound,
                 bytes_sent: rec.bytes_sent,
                 bytes_received: rec.bytes_received,
                 protocol: rec.protocol,
@@ -338,7 +436,26 @@ impl Drop for SocketPair {
     }
 }
 
-async fn handle_connection(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr) {
+/// Connects to the original destination: directly for outbound connections (the proxy's own
+/// cgroup is never redirected), from the passthrough source for inbound ones.
+async fn connect_upstream(
+    direction: ConnectionDirection,
+    dst: SocketAddr,
+) -> io::Result<TcpStream> {
+    match direction {
+        ConnectionDirection::Outbound => TcpStream::connect(dst).await,
+        ConnectionDirection::Inbound => inbound::connect_passthrough(dst).await,
+    }
+}
+
+/// Proxies one accepted connection: `peer` is the remote end of `client` (the application for
+/// outbound connections, the remote caller for inbound ones).
+async fn handle_connection(
+    shared: Arc<Shared>,
+    client: TcpStream,
+    peer: SocketAddr,
+    direction: ConnectionDirection,
+) {
     let accepted_at = Instant::now();
     if let Err(e) = client.set_nodelay(true) {
         tracing::trace!(error = %e, "TCP_NODELAY on accepted socket");
@@ -348,10 +465,14 @@ async fn handle_connection(shared: Arc<Shared>, client: TcpStream, peer: SocketA
         upstream: None,
         clean: false,
     };
-    let dst = match shared.orig.original_dst(&sockets.client) {
+    let orig = match direction {
+        ConnectionDirection::Outbound => &shared.orig,
+        ConnectionDirection::Inbound => &shared.inbound_dst,
+    };
+    let dst = match orig.original_dst(&sockets.client) {
         Ok(dst) => dst,
         Err(e) => {
-            tracing::debug!(%peer, error = %e, "no original destination; closing");
+            tracing::debug!(%peer, direction = direction.as_str(), error = %e, "no original destination; closing");
             shared
                 .counters
                 .orig_dst_failures
@@ -360,7 +481,7 @@ async fn handle_connection(shared: Arc<Shared>, client: TcpStream, peer: SocketA
         }
     };
     if shared.is_own(dst) {
-        tracing::warn!(%peer, %dst, "connection aimed at the proxy itself; refusing");
+        tracing::warn!(%peer, %dst, direction = direction.as_str(), "connection aimed at the proxy itself; refusing");
         shared
             .counters
             .loops_refused
@@ -371,11 +492,13 @@ async fn handle_connection(shared: Arc<Shared>, client: TcpStream, peer: SocketA
     let conn = Arc::new(ConnShared::new(dst));
     let record = ConnRecord {
         telemetry: shared.telemetry.clone(),
+        direction,
         shared: Arc::clone(&conn),
         accepted_at,
         finished: AtomicBool::new(false),
     };
-    let connect = tokio::time::timeout(shared.cfg.connect_timeout, TcpStream::connect(dst)).await;
+    let connect =
+        tokio::time::timeout(shared.cfg.connect_timeout, connect_upstream(direction, dst)).await;
     let upstream = match connect {
         Ok(Ok(upstream)) => upstream,
         Ok(Err(e)) => {
@@ -427,6 +550,8 @@ async fn handle_connection(shared: Arc<Shared>, client: TcpStream, peer: SocketA
                         shared: &conn,
                         telemetry: &shared.telemetry,
                         max_head_bytes: cfg.max_head_bytes,
+                        direction,
+                        peer,
                     };
                     http.run(detection.initial, detection.first_byte_at).await
                 }

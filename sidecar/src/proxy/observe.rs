@@ -9,6 +9,8 @@ use crate::telemetry::{ConnectionProtocol, ErrorType};
 /// One HTTP exchange as reported (start and end combined).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Exchange {
+    /// Measured as a server (inbound) rather than a client (outbound) exchange.
+    pub inbound: bool,
     pub method: String,
     pub target: String,
     pub reused: bool,
@@ -23,6 +25,8 @@ pub(crate) struct Exchange {
 /// One TCP connection as reported.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Connection {
+    /// An inbound (steered) connection rather than an outbound (redirected) one.
+    pub inbound: bool,
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub protocol: ConnectionProtocol,

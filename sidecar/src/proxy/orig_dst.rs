@@ -37,6 +37,18 @@ impl OriginalDst for SoOriginalDst {
     }
 }
 
+/// Inbound original destination: the accepted socket's local address. The `sk_lookup` program
+/// hands a steered connection to the inbound listener without rewriting the packet, so the
+/// accepted socket keeps the address the peer dialled (e.g. `podIP:8080`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LocalAddrDst;
+
+impl OriginalDst for LocalAddrDst {
+    fn original_dst(&self, accepted: &TcpStream) -> io::Result<SocketAddr> {
+        accepted.local_addr()
+    }
+}
+
 /// Original destination for tests and demos: a fixed address, a per-peer map, or both
 /// (the map wins). With neither, every lookup fails, which exercises the error path.
 #[derive(Debug, Default)]
@@ -119,6 +131,16 @@ mod tests {
         let s2 = tokio::net::TcpSocket::new_v4().unwrap();
         let (_c2, a2) = pair(&listener, s2).await;
         assert_eq!(mock.original_dst(&a2).unwrap(), fixed);
+    }
+
+    #[tokio::test]
+    async fn local_addr_lookup_is_the_accepted_sockets_address() {
+        let listener = TcpListener::bind("127.0.0.2:0").await.unwrap();
+        let (_c, a) = pair(&listener, tokio::net::TcpSocket::new_v4().unwrap()).await;
+        assert_eq!(
+            LocalAddrDst.original_dst(&a).unwrap(),
+            listener.local_addr().unwrap()
+        );
     }
 
     #[tokio::test]

@@ -13,6 +13,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+mod inbound;
+
 use super::observe::{self, Connection, Exchange};
 use super::*;
 use crate::telemetry::testing::TestTelemetry;
@@ -61,6 +63,7 @@ impl Drop for Harness {
 fn test_config() -> ProxyConfig {
     ProxyConfig {
         outbound_addrs: vec!["127.0.0.1:0".parse().unwrap()],
+        inbound_addrs: Vec::new(),
         connect_timeout: Duration::from_secs(2),
         detect_timeout: Duration::from_secs(2),
         max_head_bytes: 16 * 1024,
@@ -281,6 +284,7 @@ async fn opaque_echo_is_byte_exact_both_ways_with_half_close() {
     assert_eq!(
         c,
         Connection {
+            inbound: false,
             bytes_sent: data.len() as u64,
             bytes_received: expected.len() as u64,
             protocol: ConnectionProtocol::Opaque,

@@ -21,6 +21,8 @@ use crate::export::summary::Summary;
 
 mod pipeline;
 pub mod semconv;
+mod server;
+mod tcp;
 #[cfg(test)]
 pub(crate) mod testing;
 #[cfg(test)]
@@ -28,6 +30,8 @@ mod tests;
 pub mod url;
 
 pub use pipeline::{init, TelemetryConfig, TelemetryError, TelemetryGuard};
+pub use server::{ServerRequest, ServerRequestInfo};
+pub use tcp::{TcpDirection, TcpObservation, TcpOutcome};
 
 use semconv as sc;
 
@@ -102,6 +106,25 @@ pub enum ConnectionProtocol {
     Opaque,
 }
 
+/// Which way a proxied connection goes, as `sidecar.direction` spells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectionDirection {
+    /// Opened by the pod's application (redirected by the connect hooks).
+    Outbound,
+    /// Opened by a remote peer to the pod (steered by `sk_lookup`).
+    Inbound,
+}
+
+impl ConnectionDirection {
+    /// The `sidecar.direction` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectionDirection::Outbound => "outbound",
+            ConnectionDirection::Inbound => "inbound",
+        }
+    }
+}
+
 /// One proxied TCP connection, recorded when it closes.
 #[derive(Clone, Debug)]
 pub struct TcpConnectionRecord {
@@ -146,6 +169,51 @@ impl ClientRequest {
     pub fn traceparent(&self) -> Option<&str> {
         self.traceparent.as_deref()
     }
+}
+
+impl ClientRequest {
+    /// True while the span records attributes (sampled and not yet ended): only then is it
+    /// worth measuring what [`Self::set_tcp_info`] takes.
+    pub fn is_recording(&self) -> bool {
+        self.span.as_ref().is_some_and(|s| s.is_recording())
+    }
+
+    /// Adds `sidecar.tcp.rtt` (s) and `sidecar.tcp.retransmits` of the upstream socket.
+    pub fn set_tcp_info(&mut self, rtt: Duration, retransmits: u32) {
+        if let Some(span) = self.span.as_mut() {
+            set_tcp_info_attributes(span, rtt, retransmits);
+        }
+    }
+}
+
+/// Sets the `TCP_INFO` span attributes (smoothed RTT in seconds, total retransmits).
+fn set_tcp_info_attributes(
+    span: &mut opentelemetry_sdk::trace::Span,
+    rtt: Duration,
+    retransmits: u32,
+) {
+    if span.is_recording() {
+        span.set_attribute(KeyValue::new(sc::SIDECAR_TCP_RTT, rtt.as_secs_f64()));
+        span.set_attribute(KeyValue::new(
+            sc::SIDECAR_TCP_RETRANSMITS,
+            i64::from(retransmits),
+        ));
+    }
+}
+
+/// `traceparent` value carrying `span`'s context (`None` if the context is invalid, i.e. the
+/// tracer provider is shut down). A span the sampler dropped still carries the trace id, with
+/// flags 00.
+fn span_traceparent(span: &opentelemetry_sdk::trace::Span) -> Option<String> {
+    let sc = span.span_context();
+    sc.is_valid().then(|| {
+        format!(
+            "00-{}-{}-{:02x}",
+            sc.trace_id(),
+            sc.span_id(),
+            sc.trace_flags()
+        )
+    })
 }
 
 impl Drop for ClientRequest {
@@ -209,6 +277,8 @@ struct Inner {
     active: UpDownCounter<i64>,
     connection_duration: Histogram<f64>,
     connection_io: Counter<u64>,
+    server: server::ServerInstruments,
+    tcp: tcp::TcpInstruments,
     summary: Arc<Summary>,
 }
 
@@ -289,6 +359,7 @@ impl Telemetry {
             .with_unit("By")
             .with_description("Bytes forwarded on proxied TCP connections.")
             .build();
+        let server = server::ServerInstruments::new(&meter);
         Self {
             inner: Arc::new(Inner {
                 tracer,
@@ -300,6 +371,8 @@ impl Telemetry {
                 active,
                 connection_duration,
                 connection_io,
+                server,
+                tcp: tcp::TcpInstruments::new(&meter),
                 summary,
             }),
         }
@@ -369,20 +442,7 @@ impl Telemetry {
             .with_attributes(span_attrs)
             .start_with_context(&inner.tracer, &parent);
 
-        let traceparent = {
-            let sc = span.span_context();
-            if sc.is_valid() {
-                // A span the sampler dropped still carries the trace id, with flags 00.
-                Some(format!(
-                    "00-{}-{}-{:02x}",
-                    sc.trace_id(),
-                    sc.span_id(),
-                    sc.trace_flags()
-                ))
-            } else {
-                None
-            }
-        };
+        let traceparent = span_traceparent(&span);
 
         ClientRequest {
             inner: Arc::clone(inner),
@@ -461,10 +521,20 @@ impl Telemetry {
         );
     }
 
-    /// Records a closed proxied TCP connection (bytes each way, duration).
+    /// Records a closed outbound proxied TCP connection (bytes each way, duration).
     pub fn tcp_connection(&self, rec: &TcpConnectionRecord) {
+        self.tcp_connection_with_direction(rec, ConnectionDirection::Outbound);
+    }
+
+    /// Records a closed proxied TCP connection going `direction`. Only outbound connections
+    /// feed the per-destination summary.
+    pub fn tcp_connection_with_direction(
+        &self,
+        rec: &TcpConnectionRecord,
+        direction: ConnectionDirection,
+    ) {
         let inner = &self.inner;
-        let mut attrs = Vec::with_capacity(6);
+        let mut attrs = Vec::with_capacity(7);
         attrs.push(KeyValue::new(
             sc::SERVER_ADDRESS,
             rec.destination.ip().to_string(),
@@ -478,6 +548,7 @@ impl Telemetry {
             sc::SIDECAR_PROTOCOL,
             sc::connection_protocol_str(rec.protocol),
         ));
+        attrs.push(KeyValue::new(sc::SIDECAR_DIRECTION, direction.as_str()));
         if let Some(e) = rec.error {
             attrs.push(KeyValue::new(sc::ERROR_TYPE, sc::error_type_str(e)));
         }
@@ -490,7 +561,9 @@ impl Telemetry {
         attrs.push(KeyValue::new(sc::NETWORK_IO_DIRECTION, "receive"));
         inner.connection_io.add(rec.bytes_received, &attrs);
 
-        inner.summary.record_connection(rec);
+        if direction == ConnectionDirection::Outbound {
+            inner.summary.record_connection(rec);
+        }
     }
 }
 

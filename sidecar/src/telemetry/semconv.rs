@@ -37,6 +37,22 @@ pub const NETWORK_IO_DIRECTION: &str = "network.io.direction";
 pub const ERROR_TYPE: &str = "error.type";
 /// `sidecar.protocol` (project-specific: what the proxy recognised on a connection).
 pub const SIDECAR_PROTOCOL: &str = "sidecar.protocol";
+/// `client.address` (SERVER spans: the remote peer's IP).
+pub const CLIENT_ADDRESS: &str = "client.address";
+/// `client.port` (SERVER spans: the remote peer's port).
+pub const CLIENT_PORT: &str = "client.port";
+/// `url.path` (SERVER spans).
+pub const URL_PATH: &str = "url.path";
+/// `url.query` (SERVER spans; secret values redacted).
+pub const URL_QUERY: &str = "url.query";
+/// `user_agent.original` (SERVER spans).
+pub const USER_AGENT_ORIGINAL: &str = "user_agent.original";
+/// `sidecar.direction` (project-specific: `inbound` or `outbound` proxied connection).
+pub const SIDECAR_DIRECTION: &str = "sidecar.direction";
+/// `sidecar.tcp.rtt` (project-specific span attribute: smoothed RTT from `TCP_INFO`, s).
+pub const SIDECAR_TCP_RTT: &str = "sidecar.tcp.rtt";
+/// `sidecar.tcp.retransmits` (project-specific span attribute: `TCP_INFO` total retransmits).
+pub const SIDECAR_TCP_RETRANSMITS: &str = "sidecar.tcp.retransmits";
 
 /// `http.client.request.duration` histogram (s).
 pub const METRIC_CLIENT_DURATION: &str = "http.client.request.duration";
@@ -50,6 +66,14 @@ pub const METRIC_CLIENT_ACTIVE_REQUESTS: &str = "http.client.active_requests";
 pub const METRIC_CONNECTION_DURATION: &str = "sidecar.proxy.connection.duration";
 /// `sidecar.proxy.connection.io` counter (By).
 pub const METRIC_CONNECTION_IO: &str = "sidecar.proxy.connection.io";
+/// `http.server.request.duration` histogram (s).
+pub const METRIC_SERVER_DURATION: &str = "http.server.request.duration";
+/// `http.server.request.body.size` histogram (By).
+pub const METRIC_SERVER_REQUEST_BODY_SIZE: &str = "http.server.request.body.size";
+/// `http.server.response.body.size` histogram (By).
+pub const METRIC_SERVER_RESPONSE_BODY_SIZE: &str = "http.server.response.body.size";
+/// `http.server.active_requests` up-down counter (`{request}`).
+pub const METRIC_SERVER_ACTIVE_REQUESTS: &str = "http.server.active_requests";
 
 /// Value of `http.request.method` for methods outside the known set.
 pub const OTHER_METHOD: &str = "_OTHER";
@@ -97,6 +121,16 @@ pub fn connection_protocol_str(p: ConnectionProtocol) -> &'static str {
 pub fn http_error_type(status: Option<u16>, error: Option<ErrorType>) -> Option<ErrorKind> {
     match (status, error) {
         (Some(s), _) if s >= 400 => Some(ErrorKind::Status(s)),
+        (_, Some(e)) => Some(ErrorKind::Transport(e)),
+        _ => None,
+    }
+}
+
+/// `error.type` of an exchange the proxy served (SERVER side): the status code when it is 500
+/// or more (a 4xx is the client's error, not the server's), else the transport error, else none.
+pub fn http_server_error_type(status: Option<u16>, error: Option<ErrorType>) -> Option<ErrorKind> {
+    match (status, error) {
+        (Some(s), _) if s >= 500 => Some(ErrorKind::Status(s)),
         (_, Some(e)) => Some(ErrorKind::Transport(e)),
         _ => None,
     }
@@ -212,6 +246,16 @@ mod tests {
             Some(ErrorKind::Status(404))
         );
         assert_eq!(http_error_type(Some(399), None), None);
+        assert_eq!(http_server_error_type(Some(404), None), None);
+        assert_eq!(
+            http_server_error_type(Some(404), Some(ErrorType::ConnectionReset)),
+            Some(ErrorKind::Transport(ErrorType::ConnectionReset))
+        );
+        assert_eq!(
+            http_server_error_type(Some(500), Some(ErrorType::ConnectionReset)),
+            Some(ErrorKind::Status(500))
+        );
+        assert_eq!(http_server_error_type(None, None), None);
         assert_eq!(http_error_type(None, None), None);
         assert_eq!(
             ErrorKind::Status(404).as_attribute(),

@@ -439,8 +439,13 @@ fn tcp_connection_metrics() {
             "network.transport",
             "server.address",
             "server.port",
+            "sidecar.direction",
             "sidecar.protocol"
         ]
+    );
+    assert_eq!(
+        opaque.attr("sidecar.direction"),
+        Some(&Value::from("outbound"))
     );
     assert_eq!(opaque.attr("server.address"), Some(&Value::from("fd00::9")));
     assert_eq!(opaque.attr("server.port"), Some(&Value::I64(6379)));

@@ -43,7 +43,7 @@ impl Redactor {
     }
 
     /// Appends `query` (without the leading `?`) to `out`, redacting secret values.
-    fn push_query(&self, out: &mut String, query: &str) {
+    pub(crate) fn push_query(&self, out: &mut String, query: &str) {
         for (i, pair) in query.split('&').enumerate() {
             if i > 0 {
                 out.push('&');
