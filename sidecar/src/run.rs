@@ -27,7 +27,10 @@ pub fn main(args: RunArgs) -> ExitCode {
         eprintln!("sidecar: error: {msg}");
         return ExitCode::from(EXIT_USAGE);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("sidecar: error: cannot start the async runtime: {e}");
@@ -73,7 +76,10 @@ fn cgroups(args: &RunArgs) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
         via_host_root = found.via_host_root,
         "discovered the pod cgroup from this container's own"
     );
-    Ok((found.pod, Some(args.proxy_cgroup.clone().unwrap_or(found.sidecar))))
+    Ok((
+        found.pod,
+        Some(args.proxy_cgroup.clone().unwrap_or(found.sidecar)),
+    ))
 }
 
 async fn serve(args: RunArgs) -> anyhow::Result<()> {

@@ -5,12 +5,14 @@
 pub mod cgroup;
 pub mod cmd;
 pub mod error;
+pub mod impair;
 pub mod netns;
 pub mod otlp;
 pub mod peers;
 pub mod prereq;
 pub mod process;
 pub mod sidecar;
+pub mod ss;
 pub mod tempdir;
 pub mod traceparent;
 pub mod world;

@@ -166,13 +166,26 @@ impl HttpPeer {
         ready_addr: SocketAddr,
         dir: &Path,
     ) -> Result<Self> {
+        Self::start_in(name, netns, None, port, ready_addr, dir)
+    }
+
+    /// Like [`HttpPeer::start`], with the server process in `cgroup` (e.g. the pod's `app`
+    /// cgroup, to serve as the pod's application).
+    pub fn start_in(
+        name: &str,
+        netns: &Netns,
+        cgroup: Option<&Cgroup>,
+        port: u16,
+        ready_addr: SocketAddr,
+        dir: &Path,
+    ) -> Result<Self> {
         let requests = dir.join(format!("{name}.requests.jsonl"));
         let port_s = port.to_string();
         let log_s = requests.to_string_lossy().into_owned();
         let child = spawn_script(
             name,
             netns,
-            None,
+            cgroup,
             "http_server.py",
             &["--port", &port_s, "--log", &log_s],
             dir,

@@ -46,6 +46,8 @@ pub struct SidecarConfig {
     pub bsp_schedule_delay_ms: Option<u64>,
     /// `--drain-timeout` in seconds.
     pub drain_timeout_secs: Option<u64>,
+    /// `--annotations-file` (the pod's Downward API annotations).
+    pub annotations_file: Option<PathBuf>,
     /// More arguments, appended as given.
     pub extra_args: Vec<String>,
     /// Extra environment variables.
@@ -66,6 +68,7 @@ impl Default for SidecarConfig {
             metric_export_interval_ms: Some(500),
             bsp_schedule_delay_ms: Some(100),
             drain_timeout_secs: Some(10),
+            annotations_file: None,
             extra_args: Vec::new(),
             env: Vec::new(),
             ready_timeout: Duration::from_secs(30),
@@ -111,6 +114,12 @@ impl SidecarConfig {
         opt(
             "--drain-timeout",
             self.drain_timeout_secs.map(|v| v.to_string()),
+        );
+        opt(
+            "--annotations-file",
+            self.annotations_file
+                .as_ref()
+                .map(|p| p.to_string_lossy().into_owned()),
         );
         a.extend(self.extra_args.iter().cloned());
         a

@@ -8,12 +8,14 @@ use std::time::Duration;
 
 use crate::cgroup::Cgroup;
 use crate::cmd::{run_timeout, Finished};
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
+use crate::impair::{Impairment, LinkImpairment};
 use crate::netns::{unique_name, veth_pair, Netns};
 use crate::otlp::OtlpReceiver;
 use crate::peers::{peers_dir, EchoPeer, HttpPeer, UdpPeer};
 use crate::process::{command_in, Child};
 use crate::sidecar::{sidecar_bin, Sidecar, SidecarConfig};
+use crate::ss::{self, SsSocket};
 use crate::tempdir::TempDir;
 
 /// The pod's IPv4 address.
@@ -30,6 +32,10 @@ pub const HTTP_PORT: u16 = 8080;
 pub const ECHO_PORT: u16 = 9000;
 /// Port of the UDP echo peer in svc (started on demand).
 pub const UDP_PORT: u16 = 9001;
+/// Port the pod's own HTTP server (the application) listens on, when started.
+pub const APP_PORT: u16 = 8080;
+/// File name of the pod's annotations (Downward API format) in the world's directory.
+pub const ANNOTATIONS_FILE: &str = "annotations";
 /// Name of the veth end in each namespace.
 pub const VETH: &str = "veth0";
 
@@ -237,6 +243,133 @@ impl PodWorld {
         )
     }
 
+    /// `http://198.18.0.1:<port><path>`: the pod's address, as a peer in svc dials it.
+    pub fn pod_url(&self, port: u16, path: &str) -> String {
+        format!("http://{POD_V4}:{port}{path}")
+    }
+
+    /// `http://[fd5e:1dec::1]:<port><path>`.
+    pub fn pod_url_v6(&self, port: u16, path: &str) -> String {
+        format!("http://[{POD_V6}]:{port}{path}")
+    }
+
+    /// Starts an HTTP server as the pod's application: pod namespace, `app` cgroup, listening
+    /// on `[::]:port` (IPv4 too). Ready once `127.0.0.1:port` accepts inside the pod.
+    pub fn start_app_server(&self, name: &str, port: u16) -> Result<HttpPeer> {
+        HttpPeer::start_in(
+            name,
+            &self.pod,
+            Some(&self.app_cgroup),
+            port,
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+            self.dir.path(),
+        )
+    }
+
+    /// Starts another HTTP peer in svc on `port` (next to the one on [`HTTP_PORT`]).
+    pub fn start_svc_http_peer(&self, name: &str, port: u16) -> Result<HttpPeer> {
+        HttpPeer::start(
+            name,
+            &self.svc,
+            port,
+            SocketAddr::new(IpAddr::V4(SVC_V4), port),
+            self.dir.path(),
+        )
+    }
+
+    /// A command running `program args...` in the svc namespace (a remote client of the pod).
+    pub fn svc_command(&self, program: &str, args: &[&str]) -> Command {
+        command_in(Some(&self.svc), None, program, args)
+    }
+
+    /// Runs `curl -sS --max-time <timeout> ARGS...` in svc, killed at `timeout` plus a margin.
+    pub fn curl_from_svc(&self, args: &[&str], timeout: Duration) -> Result<Finished> {
+        let max = format!("{:.1}", timeout.as_secs_f64());
+        let mut full = vec!["-sS", "--max-time", &max];
+        full.extend_from_slice(args);
+        run_timeout(
+            &mut self.svc_command("curl", &full),
+            timeout + Duration::from_secs(5),
+        )
+    }
+
+    /// Starts `program args...` in svc in the background (output to `<name>.log`).
+    pub fn spawn_in_svc(&self, name: &str, program: &str, args: &[&str]) -> Result<Child> {
+        Child::spawn(
+            name,
+            self.svc_command(program, args),
+            &self.dir.join(&format!("{name}.log")),
+        )
+    }
+
+    /// Where the pod's annotations file lives (pass it with `--annotations-file`; see
+    /// [`SidecarConfig::annotations_file`]). It does not exist until written.
+    pub fn annotations_path(&self) -> std::path::PathBuf {
+        self.dir.join(ANNOTATIONS_FILE)
+    }
+
+    /// Replaces the annotations file with `pairs`, atomically (written aside, then renamed,
+    /// as the kubelet swaps Downward API files).
+    pub fn write_annotations(&self, pairs: &[(&str, &str)]) -> Result<()> {
+        let path = self.annotations_path();
+        let tmp = self.dir.join(".annotations.tmp");
+        std::fs::write(&tmp, downward_api_annotations(pairs))
+            .ctx(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).ctx(|| format!("renaming onto {}", path.display()))
+    }
+
+    /// Delays (and drops) the TCP packets svc receives from the pod, as `tc netem` on svc's
+    /// ingress would: see [`crate::impair`]. Undone when the guard drops.
+    pub fn impair_svc_ingress(&self, what: Impairment) -> Result<LinkImpairment> {
+        LinkImpairment::apply(&self.svc, VETH, what, self.dir.path())
+    }
+
+    /// `ss -tin state established FILTER...` in the pod namespace.
+    pub fn ss_pod(&self, filter: &[&str]) -> Result<Vec<SsSocket>> {
+        ss::established(&self.pod, filter)
+    }
+
+    /// Starts `peers/tcp_hold.py` as the app: connects to `host:port` (an echo server), does
+    /// `rounds` echo exchanges of `size` bytes and keeps the connection open until
+    /// [`HeldConnection::release`].
+    pub fn hold_tcp_connection(
+        &self,
+        name: &str,
+        host: &str,
+        port: u16,
+        rounds: u32,
+        size: usize,
+    ) -> Result<HeldConnection> {
+        let script = peers_dir()
+            .join("tcp_hold.py")
+            .to_string_lossy()
+            .into_owned();
+        let release = self.dir.join(&format!("{name}.release"));
+        let release_s = release.to_string_lossy().into_owned();
+        let (port, rounds, size) = (port.to_string(), rounds.to_string(), size.to_string());
+        let child = self.spawn_app(
+            name,
+            "python3",
+            &[
+                "-u",
+                &script,
+                "--host",
+                host,
+                "--port",
+                &port,
+                "--rounds",
+                &rounds,
+                "--size",
+                &size,
+                "--release",
+                &release_s,
+                "--timeout",
+                "120",
+            ],
+        )?;
+        Ok(HeldConnection { child, release })
+    }
+
     /// Sends one UDP datagram (connected socket) as the app and waits for the echo.
     pub fn udp_send(&self, host: &str, port: u16, payload: &[u8]) -> Result<Finished> {
         let script = peers_dir()
@@ -259,5 +392,75 @@ impl PodWorld {
             ],
             Duration::from_secs(15),
         )
+    }
+}
+
+/// A connection held open by `peers/tcp_hold.py` (killed on drop).
+#[derive(Debug)]
+pub struct HeldConnection {
+    child: Child,
+    release: std::path::PathBuf,
+}
+
+impl HeldConnection {
+    /// Waits until the echo rounds are done (the connection is established and idle).
+    pub fn wait_rounds_done(&mut self, timeout: Duration) -> Result<()> {
+        self.child.wait_for_log("ROUNDS_DONE", timeout)
+    }
+
+    /// Lets the client close the connection and waits for it to exit successfully.
+    pub fn release(&mut self, timeout: Duration) -> Result<()> {
+        std::fs::write(&self.release, b"")
+            .ctx(|| format!("creating {}", self.release.display()))?;
+        match self.child.wait_timeout(timeout)? {
+            Some(st) if st.success() => Ok(()),
+            Some(st) => Err(Error::Unexpected(format!(
+                "tcp_hold exited with {st}: {}",
+                self.child.log()
+            ))),
+            None => Err(Error::Timeout {
+                what: format!("tcp_hold to close: {}", self.child.log()),
+                after: timeout,
+            }),
+        }
+    }
+
+    /// The client's output so far.
+    pub fn log(&self) -> String {
+        self.child.log()
+    }
+}
+
+/// Renders annotations as the Downward API writes them: `key="value"` lines, values quoted
+/// with `"` and backslashes escaped by a backslash, sorted by key.
+pub fn downward_api_annotations(pairs: &[(&str, &str)]) -> String {
+    let mut sorted: Vec<&(&str, &str)> = pairs.iter().collect();
+    sorted.sort_by_key(|(k, _)| *k);
+    let mut out = String::new();
+    for (k, v) in sorted {
+        let v = v.replace('\\', "\\\\").replace('"', "\\\"");
+        out.push_str(&format!("{k}=\"{v}\"\n"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn annotations_are_rendered_like_the_downward_api() {
+        let text = downward_api_annotations(&[
+            ("traffic.sidecar.istio.io/excludeOutboundPorts", "8080,9000"),
+            ("config.linkerd.io/skip-outbound-ports", "25"),
+            ("quote", "a\"b\\c"),
+        ]);
+        assert_eq!(
+            text,
+            "config.linkerd.io/skip-outbound-ports=\"25\"\n\
+             quote=\"a\\\"b\\\\c\"\n\
+             traffic.sidecar.istio.io/excludeOutboundPorts=\"8080,9000\"\n"
+        );
+        assert_eq!(downward_api_annotations(&[]), "");
     }
 }
