@@ -39,15 +39,10 @@ pub enum PolicyKey {
 /// Number of words in the policy array map.
 pub const POLICY_ENTRIES: u32 = 1;
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn listener_slots_fit_the_map() {
-        assert!(INBOUND_LISTENER_V4 < INBOUND_LISTENER_ENTRIES);
-        assert!(INBOUND_LISTENER_V6 < INBOUND_LISTENER_ENTRIES);
-        assert_ne!(INBOUND_LISTENER_V4, INBOUND_LISTENER_V6);
-        assert!((PolicyKey::IncludeActive as u32) < POLICY_ENTRIES);
-    }
-}
+// The listener slots and policy words fit their maps: checked when the crate compiles.
+const _: () = {
+    assert!(INBOUND_LISTENER_V4 < INBOUND_LISTENER_ENTRIES);
+    assert!(INBOUND_LISTENER_V6 < INBOUND_LISTENER_ENTRIES);
+    assert!(INBOUND_LISTENER_V4 != INBOUND_LISTENER_V6);
+    assert!((PolicyKey::IncludeActive as u32) < POLICY_ENTRIES);
+};

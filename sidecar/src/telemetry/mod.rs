@@ -178,7 +178,7 @@ impl ClientRequest {
         self.span.as_ref().is_some_and(|s| s.is_recording())
     }
 
-    /// Adds `sidecar.tcp.rtt` (s) and `sidecar.tcp.retransmits` of the upstream socket.
+    /// Adds `sidecar.connection.rtt` (s) and `sidecar.connection.retransmits` of the upstream socket.
     pub fn set_tcp_info(&mut self, rtt: Duration, retransmits: u32) {
         if let Some(span) = self.span.as_mut() {
             set_tcp_info_attributes(span, rtt, retransmits);
@@ -193,9 +193,9 @@ fn set_tcp_info_attributes(
     retransmits: u32,
 ) {
     if span.is_recording() {
-        span.set_attribute(KeyValue::new(sc::SIDECAR_TCP_RTT, rtt.as_secs_f64()));
+        span.set_attribute(KeyValue::new(sc::SIDECAR_CONNECTION_RTT, rtt.as_secs_f64()));
         span.set_attribute(KeyValue::new(
-            sc::SIDECAR_TCP_RETRANSMITS,
+            sc::SIDECAR_CONNECTION_RETRANSMITS,
             i64::from(retransmits),
         ));
     }

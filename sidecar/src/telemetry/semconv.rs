@@ -49,10 +49,10 @@ pub const URL_QUERY: &str = "url.query";
 pub const USER_AGENT_ORIGINAL: &str = "user_agent.original";
 /// `sidecar.direction` (project-specific: `inbound` or `outbound` proxied connection).
 pub const SIDECAR_DIRECTION: &str = "sidecar.direction";
-/// `sidecar.tcp.rtt` (project-specific span attribute: smoothed RTT from `TCP_INFO`, s).
-pub const SIDECAR_TCP_RTT: &str = "sidecar.tcp.rtt";
-/// `sidecar.tcp.retransmits` (project-specific span attribute: `TCP_INFO` total retransmits).
-pub const SIDECAR_TCP_RETRANSMITS: &str = "sidecar.tcp.retransmits";
+/// `sidecar.connection.rtt` (project-specific span attribute: smoothed RTT from `TCP_INFO`, s).
+pub const SIDECAR_CONNECTION_RTT: &str = "sidecar.connection.rtt";
+/// `sidecar.connection.retransmits` (project-specific span attribute: `TCP_INFO` total retransmits).
+pub const SIDECAR_CONNECTION_RETRANSMITS: &str = "sidecar.connection.retransmits";
 
 /// `http.client.request.duration` histogram (s).
 pub const METRIC_CLIENT_DURATION: &str = "http.client.request.duration";

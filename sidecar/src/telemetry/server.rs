@@ -94,7 +94,7 @@ impl ServerRequest {
         self.span.as_ref().is_some_and(|s| s.is_recording())
     }
 
-    /// Adds `sidecar.tcp.rtt` (s) and `sidecar.tcp.retransmits` of the client-facing socket.
+    /// Adds `sidecar.connection.rtt` (s) and `sidecar.connection.retransmits` of the client-facing socket.
     pub fn set_tcp_info(&mut self, rtt: Duration, retransmits: u32) {
         if let Some(span) = self.span.as_mut() {
             set_tcp_info_attributes(span, rtt, retransmits);
@@ -388,8 +388,8 @@ mod tests {
             attr(span, "user_agent.original"),
             Some(&Value::from("curl/8"))
         );
-        assert_eq!(attr(span, "sidecar.tcp.rtt"), Some(&Value::F64(0.0015)));
-        assert_eq!(attr(span, "sidecar.tcp.retransmits"), Some(&Value::I64(2)));
+        assert_eq!(attr(span, "sidecar.connection.rtt"), Some(&Value::F64(0.0015)));
+        assert_eq!(attr(span, "sidecar.connection.retransmits"), Some(&Value::I64(2)));
         assert_eq!(
             attr(span, "http.response.status_code"),
             Some(&Value::I64(404))

@@ -279,11 +279,11 @@ async fn inbound_request_gets_a_server_span_whose_context_reaches_the_app() {
     assert_eq!(attr("http.request.body.size"), Some(&Value::I64(5)));
     assert_eq!(attr("http.response.body.size"), Some(&Value::I64(3)));
     assert_eq!(attr("http.route"), None, "no route before issue 4");
-    match attr("sidecar.tcp.rtt") {
+    match attr("sidecar.connection.rtt") {
         Some(Value::F64(rtt)) => assert!(*rtt > 0.0 && *rtt < 1.0, "rtt {rtt}"),
-        other => panic!("sidecar.tcp.rtt: {other:?}"),
+        other => panic!("sidecar.connection.rtt: {other:?}"),
     }
-    assert_eq!(attr("sidecar.tcp.retransmits"), Some(&Value::I64(0)));
+    assert_eq!(attr("sidecar.connection.retransmits"), Some(&Value::I64(0)));
     let text_attrs = format!("{:?}", span.attributes);
     assert!(
         !text_attrs.contains("s3cr3t"),
@@ -489,12 +489,12 @@ async fn outbound_client_spans_carry_tcp_info_and_outbound_direction() {
     let spans = h.tt.spans();
     assert_eq!(spans.len(), 1);
     assert_eq!(spans[0].span_kind, SpanKind::Client);
-    match span_attr(&spans[0], "sidecar.tcp.rtt") {
+    match span_attr(&spans[0], "sidecar.connection.rtt") {
         Some(Value::F64(rtt)) => assert!(*rtt > 0.0 && *rtt < 1.0, "rtt {rtt}"),
-        other => panic!("sidecar.tcp.rtt: {other:?}"),
+        other => panic!("sidecar.connection.rtt: {other:?}"),
     }
     assert_eq!(
-        span_attr(&spans[0], "sidecar.tcp.retransmits"),
+        span_attr(&spans[0], "sidecar.connection.retransmits"),
         Some(&Value::I64(0))
     );
     let rec = connection(dst).await;
