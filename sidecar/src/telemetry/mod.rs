@@ -481,36 +481,7 @@ impl Telemetry {
         inner.request_body.record(end.request_body_bytes, &attrs);
         inner.response_body.record(end.response_body_bytes, &attrs);
 
-        if let Some(mut span) = req.span.take() {
-            if span.is_recording() {
-                if let Some(status) = end.status {
-                    span.set_attribute(KeyValue::new(
-                        sc::HTTP_RESPONSE_STATUS_CODE,
-                        i64::from(status),
-                    ));
-                }
-                span.set_attribute(KeyValue::new(
-                    sc::HTTP_REQUEST_BODY_SIZE,
-                    clamp_i64(end.request_body_bytes),
-                ));
-                span.set_attribute(KeyValue::new(
-                    sc::HTTP_RESPONSE_BODY_SIZE,
-                    clamp_i64(end.response_body_bytes),
-                ));
-                match error {
-                    Some(e @ sc::ErrorKind::Transport(t)) => {
-                        span.set_attribute(KeyValue::new(sc::ERROR_TYPE, e.as_attribute()));
-                        span.set_status(Status::error(sc::error_type_str(t)));
-                    }
-                    Some(e @ sc::ErrorKind::Status(_)) => {
-                        span.set_attribute(KeyValue::new(sc::ERROR_TYPE, e.as_attribute()));
-                        span.set_status(Status::error(""));
-                    }
-                    None => {}
-                }
-            }
-            span.end_with_timestamp(end.end);
-        }
+        finish_span(req.span.take(), &end, error);
 
         inner.summary.record_request(
             &req.server_address,
@@ -565,6 +536,44 @@ impl Telemetry {
             inner.summary.record_connection(rec);
         }
     }
+}
+
+/// Sets the end-of-exchange attributes and status on a request span (CLIENT or SERVER) and ends
+/// it at `end.end`.
+fn finish_span(
+    span: Option<opentelemetry_sdk::trace::Span>,
+    end: &HttpRequestEnd,
+    error: Option<sc::ErrorKind>,
+) {
+    let Some(mut span) = span else { return };
+    if span.is_recording() {
+        if let Some(status) = end.status {
+            span.set_attribute(KeyValue::new(
+                sc::HTTP_RESPONSE_STATUS_CODE,
+                i64::from(status),
+            ));
+        }
+        span.set_attribute(KeyValue::new(
+            sc::HTTP_REQUEST_BODY_SIZE,
+            clamp_i64(end.request_body_bytes),
+        ));
+        span.set_attribute(KeyValue::new(
+            sc::HTTP_RESPONSE_BODY_SIZE,
+            clamp_i64(end.response_body_bytes),
+        ));
+        match error {
+            Some(e @ sc::ErrorKind::Transport(t)) => {
+                span.set_attribute(KeyValue::new(sc::ERROR_TYPE, e.as_attribute()));
+                span.set_status(Status::error(sc::error_type_str(t)));
+            }
+            Some(e @ sc::ErrorKind::Status(_)) => {
+                span.set_attribute(KeyValue::new(sc::ERROR_TYPE, e.as_attribute()));
+                span.set_status(Status::error(""));
+            }
+            None => {}
+        }
+    }
+    span.end_with_timestamp(end.end);
 }
 
 fn clamp_i64(v: u64) -> i64 {

@@ -7,13 +7,13 @@ use std::time::{Duration, SystemTime};
 
 use opentelemetry::metrics::{Histogram, Meter, UpDownCounter};
 use opentelemetry::propagation::TextMapPropagator as _;
-use opentelemetry::trace::{Span as _, SpanKind, Status, Tracer as _};
+use opentelemetry::trace::{Span as _, SpanKind, Tracer as _};
 use opentelemetry::{Context, KeyValue};
 
 use super::semconv as sc;
 use super::{
-    clamp_i64, set_tcp_info_attributes, span_traceparent, HttpRequestEnd, HttpRequestStart, Inner,
-    Telemetry, TraceHeaders, BODY_SIZE_BUCKETS, DURATION_BUCKETS,
+    finish_span, set_tcp_info_attributes, span_traceparent, HttpRequestEnd, HttpRequestStart,
+    Inner, Telemetry, TraceHeaders, BODY_SIZE_BUCKETS, DURATION_BUCKETS,
 };
 
 /// The `http.server.*` instruments, created once with the client ones.
@@ -253,36 +253,7 @@ impl Telemetry {
             .response_body
             .record(end.response_body_bytes, &attrs);
 
-        if let Some(mut span) = req.span.take() {
-            if span.is_recording() {
-                if let Some(status) = end.status {
-                    span.set_attribute(KeyValue::new(
-                        sc::HTTP_RESPONSE_STATUS_CODE,
-                        i64::from(status),
-                    ));
-                }
-                span.set_attribute(KeyValue::new(
-                    sc::HTTP_REQUEST_BODY_SIZE,
-                    clamp_i64(end.request_body_bytes),
-                ));
-                span.set_attribute(KeyValue::new(
-                    sc::HTTP_RESPONSE_BODY_SIZE,
-                    clamp_i64(end.response_body_bytes),
-                ));
-                match error {
-                    Some(e @ sc::ErrorKind::Transport(t)) => {
-                        span.set_attribute(KeyValue::new(sc::ERROR_TYPE, e.as_attribute()));
-                        span.set_status(Status::error(sc::error_type_str(t)));
-                    }
-                    Some(e @ sc::ErrorKind::Status(_)) => {
-                        span.set_attribute(KeyValue::new(sc::ERROR_TYPE, e.as_attribute()));
-                        span.set_status(Status::error(""));
-                    }
-                    None => {}
-                }
-            }
-            span.end_with_timestamp(end.end);
-        }
+        finish_span(req.span.take(), &end, error);
     }
 }
 
@@ -388,8 +359,14 @@ mod tests {
             attr(span, "user_agent.original"),
             Some(&Value::from("curl/8"))
         );
-        assert_eq!(attr(span, "sidecar.connection.rtt"), Some(&Value::F64(0.0015)));
-        assert_eq!(attr(span, "sidecar.connection.retransmits"), Some(&Value::I64(2)));
+        assert_eq!(
+            attr(span, "sidecar.connection.rtt"),
+            Some(&Value::F64(0.0015))
+        );
+        assert_eq!(
+            attr(span, "sidecar.connection.retransmits"),
+            Some(&Value::I64(2))
+        );
         assert_eq!(
             attr(span, "http.response.status_code"),
             Some(&Value::I64(404))
