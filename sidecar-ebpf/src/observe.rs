@@ -3,8 +3,8 @@
 //! acceptance to `TCP_CLOSE`, and then emits one [`TcpEvent`] through the `TCP_EVENTS` ring
 //! buffer (one per closed connection, one per failed connect).
 //!
-//! Connections whose peer is a loopback address are not observed: they are the legs inside the
-//! pod (application ↔ proxy) or local traffic, whose RTT and retransmits say nothing about the
+//! Connections whose peer or local address is loopback are not observed: they are the legs
+//! inside the pod (application ↔ proxy, proxy from 127.0.0.6 to the application) or local traffic, whose RTT and retransmits say nothing about the
 //! network. What is measured, read from the `sockops` context at close:
 //! - RTT: `srtt_us` (the kernel stores it times 8);
 //! - retransmits: `total_retrans` (segments, SYN retransmissions included);
@@ -136,6 +136,11 @@ fn start(ctx: &SockOpsContext, cookie: u64, direction: u32, flags: u32) -> u64 {
     match remote_addr(ctx) {
         Some(remote) if !is_loopback(&remote) => {}
         _ => return 0,
+    }
+    // A loopback source (the proxy's 127.0.0.6 / ::1 leg to the application) is a leg inside
+    // the pod as well, even when the destination is the pod's own address.
+    if local_is_loopback(ctx) {
+        return 0;
     }
     let now = now_ns();
     let state = ConnState {
@@ -323,6 +328,22 @@ fn remote_addr(ctx: &SockOpsContext) -> Option<SockAddr> {
             _ => None,
         }
     }
+}
+
+/// Whether the socket's local address is loopback (the address only: the port does not matter).
+#[inline(always)]
+fn local_is_loopback(ctx: &SockOpsContext) -> bool {
+    let ops: *const bpf_sock_ops = ctx.ops;
+    // SAFETY: `family`, `local_ip4` and `local_ip6` are readable u32 fields of the sock_ops
+    // context.
+    let local = unsafe {
+        match core::ptr::read_volatile(&(*ops).family) {
+            AF_INET => SockAddr::v4(core::ptr::read_volatile(&(*ops).local_ip4), 0),
+            AF_INET6 => SockAddr::v6(read_words(&(*ops).local_ip6), 0),
+            _ => return false,
+        }
+    };
+    is_loopback(&local)
 }
 
 /// Whether an address is loopback: 127.0.0.0/8, `::1`, or IPv4-mapped 127.0.0.0/8.
