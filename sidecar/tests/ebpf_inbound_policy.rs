@@ -13,27 +13,31 @@
 //!
 //! These tests need root and the embedded eBPF object; without either they fail, saying what
 //! is missing (they never skip).
+//!
+//! The guards, helper processes and bpftool queries shared with the other kernel tests live in
+//! `common/`.
+
+mod common;
 
 use std::{
     collections::BTreeSet,
     fs,
-    io::{BufRead, BufReader, Write},
+    io::Write,
     net::{SocketAddr, TcpListener},
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
     os::unix::fs::MetadataExt,
-    path::{Path, PathBuf},
-    process::{Child, ChildStdin, Command, Stdio},
+    path::Path,
     sync::{
         atomic::{AtomicBool, Ordering},
-        mpsc::{self, Receiver},
         Arc,
     },
     thread::{self, JoinHandle},
     time::{Duration, Instant},
 };
 
+use common::{attach, attached_programs, bpftool_json, intercept_config, Cgroups, Helper, Netns};
 use sidecar::{
-    ebpf::{self, EbpfError, InterceptConfig, Interception},
+    ebpf::{EbpfError, Interception},
     policy::KernelPolicy,
 };
 
@@ -42,86 +46,18 @@ const INBOUND_PORT: u16 = 15006;
 const WAIT: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------------------------------------
-// Preconditions and commands
+// Preconditions and namespaces
 
 fn require_privileges_and_object() {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let uid = unsafe { libc::geteuid() };
-    assert_eq!(
-        uid, 0,
-        "these eBPF policy and inbound tests need root (uid 0, CAP_BPF/CAP_NET_ADMIN/\
-         CAP_SYS_ADMIN); running as uid {uid}"
+    common::require_privileges_and_object(
+        "policy and inbound",
+        &["ip", "nsenter", "python3", "sh", "bpftool"],
     );
-    assert!(
-        ebpf::object_is_embedded(),
-        "the eBPF object is not embedded in this test build: build it first with \
-         `cargo xtask build-ebpf` (or set SIDECAR_EBPF_OBJECT) and rebuild the tests"
-    );
-    for tool in ["ip", "nsenter", "python3", "sh", "bpftool"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .stdout(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(found, "required tool `{tool}` is not installed");
-    }
 }
 
-fn run(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-// ---------------------------------------------------------------------------------------------
-// Guards
-
-/// A network namespace with `lo` up; deleted on drop.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new(name: String) -> Self {
-        // A namespace left over by an earlier crashed run of the same pid is removed first.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &name])
-            .stderr(Stdio::null())
-            .status();
-        run(Command::new("ip").args(["netns", "add", &name]));
-        let ns = Self { name };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    fn ip(&self, args: &[&str]) {
-        run(Command::new("ip").arg("-n").arg(&self.name).args(args));
-    }
-
-    fn path(&self) -> String {
-        format!("/run/netns/{}", self.name)
-    }
-
-    /// The namespace's inode number, as `bpftool link` reports it.
-    fn inode(&self) -> u64 {
-        fs::metadata(self.path()).expect("netns file").ino()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
+/// The namespace's inode number, as `bpftool link` reports it.
+fn netns_inode(netns: &Netns) -> u64 {
+    fs::metadata(netns.path()).expect("netns file").ino()
 }
 
 /// Runs the calling thread in a network namespace until dropped.
@@ -152,184 +88,6 @@ impl Drop for InNetns {
     }
 }
 
-/// A per-test parent cgroup with `app`, `proxy` and `peer` children; on drop every process
-/// left in them is killed and the directories are removed.
-struct Cgroups {
-    parent: PathBuf,
-}
-
-impl Cgroups {
-    const CHILDREN: [&'static str; 3] = ["app", "proxy", "peer"];
-
-    fn new(name: &str) -> Self {
-        let mount = ebpf::cgroup2_mount().expect("cgroup v2 mount");
-        let cg = Self {
-            parent: mount.join(name),
-        };
-        cg.remove(); // leftovers of an earlier crashed run with the same pid
-        fs::create_dir(&cg.parent).unwrap_or_else(|e| panic!("mkdir {}: {e}", cg.parent.display()));
-        for child in Self::CHILDREN {
-            fs::create_dir(cg.parent.join(child)).expect("mkdir child cgroup");
-        }
-        cg
-    }
-
-    fn app(&self) -> PathBuf {
-        self.parent.join("app")
-    }
-    fn proxy(&self) -> PathBuf {
-        self.parent.join("proxy")
-    }
-    fn peer(&self) -> PathBuf {
-        self.parent.join("peer")
-    }
-
-    fn remove(&self) {
-        if !self.parent.exists() {
-            return;
-        }
-        for child in Self::CHILDREN {
-            let dir = self.parent.join(child);
-            if dir.exists() {
-                kill_all(&dir);
-                let _ = fs::remove_dir(&dir);
-            }
-        }
-        kill_all(&self.parent);
-        let _ = fs::remove_dir(&self.parent);
-    }
-}
-
-impl Drop for Cgroups {
-    fn drop(&mut self) {
-        self.remove();
-    }
-}
-
-/// Kills every process of a cgroup and waits (bounded) until it is empty.
-fn kill_all(dir: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-        let pids: Vec<i32> = procs
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect();
-        if pids.is_empty() || Instant::now() > deadline {
-            return;
-        }
-        for pid in pids {
-            // SAFETY: sending SIGKILL to a pid read from our own test cgroup.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A helper process with line-oriented stdin/stdout; killed on drop.
-struct Helper {
-    what: String,
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: Receiver<String>,
-}
-
-impl Helper {
-    /// Starts `python3 -c script args...` in `cgroup`, then in the namespace `netns`, and
-    /// waits for its `ready` line.
-    fn spawn(what: &str, cgroup: &Path, netns: &Netns, script: &str, args: &[&str]) -> Self {
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(
-                r#"cg=$1; ns=$2; py=$3; shift 3
-                echo $$ > "$cg/cgroup.procs" && exec nsenter --net="$ns" python3 -u -c "$py" "$@""#,
-            )
-            .arg("sh")
-            .arg(cgroup)
-            .arg(netns.path())
-            .arg(script)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stdin = child.stdin.take();
-        let helper = Self {
-            what: what.to_string(),
-            child,
-            stdin,
-            lines,
-        };
-        assert_eq!(helper.line(), "ready", "{what} did not start");
-        helper
-    }
-
-    fn line(&self) -> String {
-        self.lines
-            .recv_timeout(WAIT)
-            .unwrap_or_else(|e| panic!("{}: no output line within {WAIT:?} ({e})", self.what))
-    }
-
-    /// Sends one command and returns the reply line.
-    fn ask(&mut self, cmd: &str) -> String {
-        let stdin = self.stdin.as_mut().expect("helper stdin");
-        writeln!(stdin, "{cmd}").expect("write to helper");
-        stdin.flush().expect("flush helper stdin");
-        self.line()
-    }
-}
-
-impl Drop for Helper {
-    fn drop(&mut self) {
-        self.stdin.take();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn bpftool_json(args: &[&str]) -> serde_json::Value {
-    let out = Command::new("bpftool")
-        .arg("-j")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("bpftool {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "bpftool {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    if text.trim().is_empty() {
-        return serde_json::Value::Array(Vec::new());
-    }
-    serde_json::from_str(&text).expect("bpftool JSON")
-}
-
-/// Names of the programs attached to a cgroup directory, sorted.
-fn attached_programs(dir: &Path) -> Vec<String> {
-    let dir = dir.to_string_lossy();
-    let value = bpftool_json(&["cgroup", "show", &dir]);
-    let mut names: Vec<String> = value
-        .as_array()
-        .expect("bpftool JSON array")
-        .iter()
-        .filter_map(|p| p.get("name").and_then(|n| n.as_str()).map(str::to_string))
-        .collect();
-    names.sort();
-    names
-}
-
 /// Program ids of the `sk_lookup` links attached to the namespace with this inode.
 fn sk_lookup_links(netns_ino: u64) -> Vec<u64> {
     let value = bpftool_json(&["link", "show"]);
@@ -342,6 +100,18 @@ fn sk_lookup_links(netns_ino: u64) -> Vec<u64> {
         .filter(|l| l.get("attach_type").and_then(|t| t.as_str()) == Some("sk_lookup"))
         .filter_map(|l| l.get("prog_id").and_then(|i| i.as_u64()))
         .collect()
+}
+
+/// Starts `script` in `cgroup` and `netns` and waits for its `ready` line.
+fn helper(what: &str, cgroup: &Path, netns: &Netns, script: &str, args: &[&str]) -> Helper {
+    Helper::start(what, cgroup, Some(netns), script, args, WAIT).ready()
+}
+
+/// Real servers (`REAL_SERVERS_PY`) on every address of `netns`, TCP ports `ports`.
+fn real_servers(what: &str, cgroup: &Path, netns: &Netns, ports: &[u16]) -> Helper {
+    let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+    let args: Vec<&str> = ports.iter().map(String::as_str).collect();
+    helper(what, cgroup, netns, REAL_SERVERS_PY, &args)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -359,47 +129,47 @@ impl World {
         require_privileges_and_object();
         let name = format!("sck1-{test}-{}", std::process::id());
         let cgroups = Cgroups::new(&name);
-        let netns = Netns::new(name);
-        netns.ip(&["link", "add", "sc0", "type", "veth", "peer", "name", "sc1"]);
-        netns.ip(&["link", "set", "sc1", "up"]);
-        netns.ip(&["link", "set", "sc0", "up"]);
-        for addr in ["198.18.0.1/24", "198.18.1.1/24"] {
-            netns.ip(&["addr", "add", addr, "dev", "sc0"]);
-        }
-        for addr in ["fd5e:1dec::1/64", "fd5e:1dec:1::1/64"] {
-            netns.ip(&["addr", "add", addr, "dev", "sc0", "nodad"]);
-        }
+        let netns = common::netns(&name);
+        common::ip(
+            &netns,
+            &["link", "add", "sc0", "type", "veth", "peer", "name", "sc1"],
+        );
+        common::ip(&netns, &["link", "set", "sc1", "up"]);
+        common::ip(&netns, &["link", "set", "sc0", "up"]);
+        common::add_addrs(
+            &netns,
+            "sc0",
+            &[
+                "198.18.0.1/24",
+                "198.18.1.1/24",
+                "fd5e:1dec::1/64",
+                "fd5e:1dec:1::1/64",
+            ],
+        );
         Self { cgroups, netns }
     }
 
     fn attach(&self) -> Interception {
-        let cfg = InterceptConfig {
-            target_cgroup: self.cgroups.app(),
-            sidecar_cgroup: Some(self.cgroups.proxy()),
-            outbound_port: PROXY_PORT,
-        };
-        Interception::attach(&cfg).unwrap_or_else(|e| panic!("attach: {e}"))
+        attach(&intercept_config(&self.cgroups, PROXY_PORT))
     }
 
     /// Real servers on every address, TCP ports `ports`, in the peer cgroup.
     fn real_servers(&self, ports: &[u16]) -> Helper {
-        let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
-        let args: Vec<&str> = ports.iter().map(String::as_str).collect();
         let cg = self.cgroups.peer();
-        Helper::spawn("real servers", &cg, &self.netns, REAL_SERVERS_PY, &args)
+        real_servers("real servers", &cg, &self.netns, ports)
     }
 
     /// The stand-in outbound proxy on 127.0.0.1:15001 and [::1]:15001.
     fn proxy(&self) -> Helper {
         let port = PROXY_PORT.to_string();
         let cg = self.cgroups.proxy();
-        Helper::spawn("proxy", &cg, &self.netns, PROXY_PY, &[&port])
+        helper("proxy", &cg, &self.netns, PROXY_PY, &[&port])
     }
 
     /// An application client in the app (target) cgroup.
     fn app(&self) -> Helper {
         let cg = self.cgroups.app();
-        Helper::spawn("app client", &cg, &self.netns, CLIENT_PY, &[])
+        helper("app client", &cg, &self.netns, CLIENT_PY, &[])
     }
 }
 
@@ -439,51 +209,35 @@ impl PodWorld {
         require_privileges_and_object();
         let name = format!("sck1-{test}-{}", std::process::id());
         let cgroups = Cgroups::new(&name);
-        let pod = Netns::new(format!("{name}-pod"));
-        let peer = Netns::new(format!("{name}-peer"));
-        pod.ip(&[
-            "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
-        ]);
-        pod.ip(&["link", "set", "eth1", "netns", &peer.name]);
-        for (ns, dev, v4, v6) in [
-            (&pod, "eth0", "198.18.0.1/24", "fd5e:1dec::1/64"),
-            (&peer, "eth1", "198.18.0.2/24", "fd5e:1dec::2/64"),
-        ] {
-            ns.ip(&["addr", "add", v4, "dev", dev]);
-            ns.ip(&["addr", "add", v6, "dev", dev, "nodad"]);
-            ns.ip(&["link", "set", dev, "up"]);
-        }
+        let pod = common::netns(&format!("{name}-pod"));
+        let peer = common::netns(&format!("{name}-peer"));
+        common::veth_pair(&pod, "eth0", &peer, "eth1");
+        common::add_addrs(&pod, "eth0", &["198.18.0.1/24", "fd5e:1dec::1/64"]);
+        common::add_addrs(&peer, "eth1", &["198.18.0.2/24", "fd5e:1dec::2/64"]);
         Self { cgroups, pod, peer }
     }
 
     /// Programs attached to the app cgroup, the sidecar cgroup being `proxy`.
     fn attach(&self) -> Interception {
-        let cfg = InterceptConfig {
-            target_cgroup: self.cgroups.app(),
-            sidecar_cgroup: Some(self.cgroups.proxy()),
-            outbound_port: PROXY_PORT,
-        };
-        Interception::attach(&cfg).unwrap_or_else(|e| panic!("attach: {e}"))
+        attach(&intercept_config(&self.cgroups, PROXY_PORT))
     }
 
     /// The application's servers in the pod, on every address, TCP ports `ports`.
     fn app_servers(&self, ports: &[u16]) -> Helper {
-        let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
-        let args: Vec<&str> = ports.iter().map(String::as_str).collect();
         let cg = self.cgroups.app();
-        Helper::spawn("app servers", &cg, &self.pod, REAL_SERVERS_PY, &args)
+        real_servers("app servers", &cg, &self.pod, ports)
     }
 
     /// A client in the peer namespace.
     fn remote_client(&self) -> Helper {
         let cg = self.cgroups.peer();
-        Helper::spawn("remote client", &cg, &self.peer, CLIENT_PY, &[])
+        helper("remote client", &cg, &self.peer, CLIENT_PY, &[])
     }
 
     /// A client inside the pod namespace, in the sidecar cgroup (never redirected outbound).
     fn local_client(&self) -> Helper {
         let cg = self.cgroups.proxy();
-        Helper::spawn("pod-local client", &cg, &self.pod, CLIENT_PY, &[])
+        helper("pod-local client", &cg, &self.pod, CLIENT_PY, &[])
     }
 }
 
@@ -1079,7 +833,7 @@ fn inbound_connections_to_served_ports_land_on_the_proxy_with_their_destination(
     let mut inbound = InboundProxy::start(&world.pod, |listeners| {
         attach_inbound_in(&world.pod, &mut interception, listeners)
     });
-    let netns_ino = world.pod.inode();
+    let netns_ino = netns_inode(&world.pod);
     assert_eq!(sk_lookup_links(netns_ino).len(), 1, "one sk_lookup link");
 
     let mut remote = world.remote_client();
@@ -1194,7 +948,7 @@ fn a_dual_stack_listener_serves_both_families_and_bad_listeners_are_refused() {
             .unwrap_or_else(|e| panic!("attach_inbound: {e}"));
     }
     // Nothing was attached by the refused calls; the accepted one attached once.
-    assert_eq!(sk_lookup_links(world.pod.inode()).len(), 1);
+    assert_eq!(sk_lookup_links(netns_inode(&world.pod)).len(), 1);
 
     let mut remote = world.remote_client();
     let accept = thread::spawn(move || {
@@ -1220,7 +974,7 @@ fn a_dual_stack_listener_serves_both_families_and_bad_listeners_are_refused() {
 
     // detach_inbound removes the link now, not only at drop.
     interception.detach_inbound().expect("detach inbound");
-    assert!(sk_lookup_links(world.pod.inode()).is_empty());
+    assert!(sk_lookup_links(netns_inode(&world.pod)).is_empty());
     assert_eq!(
         remote.ask("tcp4 198.18.0.1 8080"),
         direct("198.18.0.1:8080")

@@ -5,278 +5,48 @@
 //! `proxy` (the sidecar cgroup) and `peer` (real servers) children. Helper processes are Python
 //! scripts started in a cgroup (pid written to `cgroup.procs`) and then in the namespace with
 //! `nsenter --net=` (not `ip netns exec`, which remounts /sys and hides the cgroup fs).
-//! Guards remove namespaces, kill helpers and remove cgroups even when a test fails.
+//! Guards remove namespaces, kill helpers and remove cgroups even when a test fails; they and
+//! the helpers live in `common/`.
 //!
 //! These tests need root and the embedded eBPF object; without either they fail, saying what
 //! is missing (they never skip).
 
+mod common;
+
 use std::{
     collections::BTreeMap,
-    fs,
-    io::{BufRead, BufReader, Write},
-    path::{Path, PathBuf},
-    process::{Child, ChildStdin, Command, Stdio},
-    sync::mpsc::{self, Receiver},
+    path::Path,
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
 
+use common::{attach, attached_programs, intercept_config, Cgroups, Helper, Netns};
 use sidecar::ebpf::{self, EbpfError, InterceptConfig, Interception};
 
 const PROXY_PORT: u16 = 15001;
 const WAIT: Duration = Duration::from_secs(10);
 
-// ---------------------------------------------------------------------------------------------
-// Preconditions
-
 fn require_privileges_and_object() {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let uid = unsafe { libc::geteuid() };
-    assert_eq!(
-        uid, 0,
-        "these eBPF interception tests need root (uid 0, CAP_BPF/CAP_NET_ADMIN/CAP_SYS_ADMIN); \
-         running as uid {uid}"
-    );
-    assert!(
-        ebpf::object_is_embedded(),
-        "the eBPF object is not embedded in this test build: build it first with \
-         `cargo xtask build-ebpf` (or set SIDECAR_EBPF_OBJECT) and rebuild the tests"
-    );
-    for tool in ["ip", "nsenter", "python3", "sh"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .stdout(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(found, "required tool `{tool}` is not installed");
-    }
+    common::require_privileges_and_object("interception", &["ip", "nsenter", "python3", "sh"]);
 }
 
-fn run(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn ip(netns: &str, args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .arg("-n")
-        .arg(netns)
-        .args(args)
-        .output()
-        .map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(())
+/// The test namespace: `lo` up and `sc0` carrying 198.18.0.1/24 and fd5e:1dec::1/64.
+fn test_netns(name: &str) -> Netns {
+    let ns = common::netns(name);
+    // A dummy interface when the kernel has the module, else one end of a veth pair.
+    if ns.ip(&["link", "add", "sc0", "type", "dummy"]).is_ok() {
+        common::ip(&ns, &["link", "set", "sc0", "up"]);
     } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        common::ip(
+            &ns,
+            &["link", "add", "sc0", "type", "veth", "peer", "name", "sc1"],
+        );
+        common::ip(&ns, &["link", "set", "sc1", "up"]);
+        common::ip(&ns, &["link", "set", "sc0", "up"]);
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Guards
-
-/// A network namespace with the test addresses; deleted on drop.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new(name: String) -> Self {
-        // A namespace left over by an earlier crashed run of the same pid is removed first.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &name])
-            .stderr(Stdio::null())
-            .status();
-        run(Command::new("ip").args(["netns", "add", &name]));
-        let ns = Self { name };
-        ns.must(&["link", "set", "lo", "up"]);
-        // A dummy interface when the kernel has the module, else one end of a veth pair.
-        let dev = if ip(&ns.name, &["link", "add", "sc0", "type", "dummy"]).is_ok() {
-            ns.must(&["link", "set", "sc0", "up"]);
-            "sc0"
-        } else {
-            ns.must(&["link", "add", "sc0", "type", "veth", "peer", "name", "sc1"]);
-            ns.must(&["link", "set", "sc1", "up"]);
-            ns.must(&["link", "set", "sc0", "up"]);
-            "sc0"
-        };
-        ns.must(&["addr", "add", "198.18.0.1/24", "dev", dev]);
-        ns.must(&["addr", "add", "fd5e:1dec::1/64", "dev", dev, "nodad"]);
-        ns
-    }
-
-    fn must(&self, args: &[&str]) {
-        if let Err(e) = ip(&self.name, args) {
-            panic!("ip -n {} {}: {e}", self.name, args.join(" "));
-        }
-    }
-
-    fn path(&self) -> String {
-        format!("/run/netns/{}", self.name)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-/// A per-test parent cgroup with `app`, `proxy` and `peer` children; on drop every process
-/// left in them is killed and the directories are removed.
-struct Cgroups {
-    parent: PathBuf,
-}
-
-impl Cgroups {
-    const CHILDREN: [&'static str; 3] = ["app", "proxy", "peer"];
-
-    fn new(name: &str) -> Self {
-        let mount = ebpf::cgroup2_mount().expect("cgroup v2 mount");
-        let parent = mount.join(name);
-        let cg = Self { parent };
-        cg.remove(); // leftovers of an earlier crashed run with the same pid
-        fs::create_dir(&cg.parent).unwrap_or_else(|e| panic!("mkdir {}: {e}", cg.parent.display()));
-        for child in Self::CHILDREN {
-            fs::create_dir(cg.parent.join(child)).expect("mkdir child cgroup");
-        }
-        cg
-    }
-
-    fn app(&self) -> PathBuf {
-        self.parent.join("app")
-    }
-    fn proxy(&self) -> PathBuf {
-        self.parent.join("proxy")
-    }
-    fn peer(&self) -> PathBuf {
-        self.parent.join("peer")
-    }
-
-    fn remove(&self) {
-        if !self.parent.exists() {
-            return;
-        }
-        for child in Self::CHILDREN {
-            let dir = self.parent.join(child);
-            if dir.exists() {
-                kill_all(&dir);
-                let _ = fs::remove_dir(&dir);
-            }
-        }
-        kill_all(&self.parent);
-        let _ = fs::remove_dir(&self.parent);
-    }
-}
-
-impl Drop for Cgroups {
-    fn drop(&mut self) {
-        self.remove();
-    }
-}
-
-/// Kills every process of a cgroup and waits (bounded) until it is empty.
-fn kill_all(dir: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-        let pids: Vec<i32> = procs
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect();
-        if pids.is_empty() || Instant::now() > deadline {
-            return;
-        }
-        for pid in pids {
-            // SAFETY: sending SIGKILL to a pid read from our own test cgroup.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A helper process with line-oriented stdin/stdout; killed on drop.
-struct Helper {
-    what: String,
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: Receiver<String>,
-}
-
-impl Helper {
-    /// Starts `python3 -c script args...` in `cgroup`, then in the namespace `netns`.
-    fn spawn(what: &str, cgroup: &Path, netns: &Netns, script: &str, args: &[&str]) -> Self {
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(
-                r#"cg=$1; ns=$2; py=$3; shift 3
-                echo $$ > "$cg/cgroup.procs" && exec nsenter --net="$ns" python3 -u -c "$py" "$@""#,
-            )
-            .arg("sh")
-            .arg(cgroup)
-            .arg(netns.path())
-            .arg(script)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stdin = child.stdin.take();
-        Self {
-            what: what.to_string(),
-            child,
-            stdin,
-            lines,
-        }
-    }
-
-    fn line(&self) -> String {
-        self.lines
-            .recv_timeout(WAIT)
-            .unwrap_or_else(|e| panic!("{}: no output line within {WAIT:?} ({e})", self.what))
-    }
-
-    fn expect_ready(&self) {
-        let line = self.line();
-        assert_eq!(line, "ready", "{} did not start", self.what);
-    }
-
-    /// Sends one command and returns the reply line.
-    fn ask(&mut self, cmd: &str) -> String {
-        let stdin = self.stdin.as_mut().expect("helper stdin");
-        writeln!(stdin, "{cmd}").expect("write to helper");
-        stdin.flush().expect("flush helper stdin");
-        self.line()
-    }
-}
-
-impl Drop for Helper {
-    fn drop(&mut self) {
-        self.stdin.take();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    common::add_addrs(&ns, "sc0", &["198.18.0.1/24", "fd5e:1dec::1/64"]);
+    ns
 }
 
 /// Namespace + cgroups of one test. Fields drop in declaration order: namespace last.
@@ -290,41 +60,32 @@ impl World {
         require_privileges_and_object();
         let name = format!("sc-{test}-{}", std::process::id());
         let cgroups = Cgroups::new(&name);
-        let netns = Netns::new(name);
+        let netns = test_netns(&name);
         Self { cgroups, netns }
     }
 
     fn config(&self) -> InterceptConfig {
-        InterceptConfig {
-            target_cgroup: self.cgroups.app(),
-            sidecar_cgroup: Some(self.cgroups.proxy()),
-            outbound_port: PROXY_PORT,
-        }
+        intercept_config(&self.cgroups, PROXY_PORT)
     }
 
     fn attach(&self) -> Interception {
-        Interception::attach(&self.config()).unwrap_or_else(|e| panic!("attach: {e}"))
+        attach(&self.config())
+    }
+
+    /// Starts `script` in `cgroup` and the test namespace and waits for its `ready` line.
+    fn helper(&self, what: &str, cgroup: &Path, script: &str, args: &[&str]) -> Helper {
+        Helper::start(what, cgroup, Some(&self.netns), script, args, WAIT).ready()
     }
 
     /// Real servers: TCP on 0.0.0.0:8080 and [::]:8080, UDP on the test addresses.
     fn real_servers(&self) -> Helper {
-        let h = Helper::spawn(
-            "real servers",
-            &self.cgroups.peer(),
-            &self.netns,
-            REAL_SERVERS_PY,
-            &[],
-        );
-        h.expect_ready();
-        h
+        self.helper("real servers", &self.cgroups.peer(), REAL_SERVERS_PY, &[])
     }
 
     /// The stand-in proxy: TCP and UDP on 127.0.0.1:15001 and [::1]:15001, in `cgroup`.
     fn proxy_in(&self, cgroup: &Path) -> Helper {
         let port = PROXY_PORT.to_string();
-        let h = Helper::spawn("proxy", cgroup, &self.netns, PROXY_PY, &[&port]);
-        h.expect_ready();
-        h
+        self.helper("proxy", cgroup, PROXY_PY, &[&port])
     }
 
     fn proxy(&self) -> Helper {
@@ -334,22 +95,12 @@ impl World {
     /// The stand-in proxy asking for the original destination with a `size`-byte buffer.
     fn proxy_with_buffer(&self, size: usize) -> Helper {
         let (port, size) = (PROXY_PORT.to_string(), size.to_string());
-        let h = Helper::spawn(
-            "proxy",
-            &self.cgroups.proxy(),
-            &self.netns,
-            PROXY_PY,
-            &[&port, &size],
-        );
-        h.expect_ready();
-        h
+        self.helper("proxy", &self.cgroups.proxy(), PROXY_PY, &[&port, &size])
     }
 
     /// An application client driven over stdin, in `cgroup`.
     fn client_in(&self, cgroup: &Path) -> Helper {
-        let h = Helper::spawn("client", cgroup, &self.netns, CLIENT_PY, &[]);
-        h.expect_ready();
-        h
+        self.helper("client", cgroup, CLIENT_PY, &[])
     }
 
     fn app(&self) -> Helper {
@@ -367,38 +118,6 @@ fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// Names of the programs attached to a cgroup directory, read with bpftool.
-fn attached_programs(dir: &Path) -> Vec<String> {
-    let out = Command::new("bpftool")
-        .arg("-j")
-        .arg("cgroup")
-        .arg("show")
-        .arg(dir)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("bpftool is needed to list attached programs (apt-get install -y bpftool): {e}")
-        });
-    assert!(
-        out.status.success(),
-        "bpftool cgroup show {}: {}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    if text.trim().is_empty() {
-        return Vec::new();
-    }
-    let value: serde_json::Value = serde_json::from_str(&text).expect("bpftool JSON");
-    let mut names: Vec<String> = value
-        .as_array()
-        .expect("bpftool JSON array")
-        .iter()
-        .filter_map(|p| p.get("name").and_then(|n| n.as_str()).map(str::to_string))
-        .collect();
-    names.sort();
-    names
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -766,12 +485,13 @@ fn does_not_redirect_loopback_mapped_udp_proxy_port_or_the_proxy_cgroup() {
 fn getsockopt_passes_every_other_answer_through_unchanged() {
     let world = World::new("sockopt");
     let probe = |label: &str| -> BTreeMap<String, serde_json::Value> {
-        let h = Helper::spawn(
+        let h = Helper::start(
             label,
             &world.cgroups.proxy(),
-            &world.netns,
+            Some(&world.netns),
             SOCKOPT_PROBE_PY,
             &[],
+            WAIT,
         );
         serde_json::from_str(&h.line()).expect("probe JSON")
     };
@@ -885,7 +605,7 @@ fn attach_rejects_bad_cgroups_with_clear_errors() {
     let base = world.config();
 
     let missing = InterceptConfig {
-        target_cgroup: world.cgroups.parent.join("does-not-exist"),
+        target_cgroup: world.cgroups.parent().join("does-not-exist"),
         ..base.clone()
     };
     match Interception::attach(&missing) {

@@ -7,16 +7,17 @@
 //! Python relay between two TUN devices (this kernel has no `netem` qdisc): it delays every
 //! packet by 10 ms each way (RTT about 20 ms) and can drop chosen data packets. Helpers are
 //! Python scripts started in a cgroup, then in a namespace with `nsenter --net=`. Guards kill
-//! the helpers and remove namespaces and cgroups even when a test fails.
+//! the helpers and remove namespaces and cgroups even when a test fails; they and the helpers
+//! live in `common/`.
 //!
 //! These tests need root and the embedded eBPF object; without either they fail, saying what
 //! is missing (they never skip).
 
+mod common;
+
 use std::{
-    fs,
-    io::{BufRead, BufReader, Write},
-    path::{Path, PathBuf},
-    process::{Child, ChildStdin, Command, Stdio},
+    io::Write,
+    path::Path,
     sync::{
         mpsc::{self, Receiver},
         Arc, Mutex, OnceLock,
@@ -25,11 +26,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use common::{attach, intercept_config, Cgroups, Helper, Netns};
 use sidecar::ebpf::{
-    self,
     log::KERNEL_LOG_TARGET,
     observe::{ObserverOutput, TcpObserver},
-    InterceptConfig, Interception,
+    Interception,
 };
 use sidecar::telemetry::{TcpDirection, TcpObservation, TcpOutcome};
 use tokio_util::sync::CancellationToken;
@@ -44,245 +45,30 @@ const SVC_V6: &str = "fd5e:1dec::2";
 const HEADER: u64 = 24;
 
 // ---------------------------------------------------------------------------------------------
-// Preconditions and commands
+// Preconditions and helpers
 
 fn require_privileges_and_object() {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let uid = unsafe { libc::geteuid() };
-    assert_eq!(
-        uid, 0,
-        "these eBPF observation tests need root (CAP_BPF/CAP_NET_ADMIN/CAP_SYS_ADMIN); \
-         running as uid {uid}"
-    );
-    assert!(
-        ebpf::object_is_embedded(),
-        "the eBPF object is not embedded in this test build: build it first with \
-         `cargo xtask build-ebpf` (or set SIDECAR_EBPF_OBJECT) and rebuild the tests"
-    );
-    for tool in ["ip", "nsenter", "python3", "sh", "ss"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .stdout(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(found, "required tool `{tool}` is not installed");
-    }
+    common::require_privileges_and_object("observation", &["ip", "nsenter", "python3", "sh", "ss"]);
     assert!(
         Path::new("/dev/net/tun").exists(),
         "/dev/net/tun is missing: the delay relay needs TUN devices"
     );
 }
 
-fn run(cmd: &mut Command) {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// Starts `script` in `cgroup`, then (if given) in namespace `netns`, and waits for its
+/// `ready` line.
+fn helper(what: &str, cgroup: &Path, netns: Option<&Netns>, script: &str, args: &[&str]) -> Helper {
+    Helper::start(what, cgroup, netns, script, args, WAIT).ready()
 }
 
-fn ip(netns: &str, args: &[&str]) {
-    run(Command::new("ip").arg("-n").arg(netns).args(args));
+/// Adds the test addresses of one side to `dev` in `netns` and brings it up.
+fn address(netns: &Netns, dev: &str, v4: &str, v6: &str) {
+    common::add_addrs(netns, dev, &[&format!("{v4}/24"), &format!("{v6}/64")]);
+    common::ip(netns, &["link", "set", dev, "up"]);
 }
 
 // ---------------------------------------------------------------------------------------------
-// Guards
-
-/// A network namespace with `lo` up; deleted on drop.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new(name: String) -> Self {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &name])
-            .stderr(Stdio::null())
-            .status();
-        run(Command::new("ip").args(["netns", "add", &name]));
-        let ns = Self { name };
-        ip(&ns.name, &["link", "set", "lo", "up"]);
-        ns
-    }
-
-    fn path(&self) -> String {
-        format!("/run/netns/{}", self.name)
-    }
-
-    /// Adds the test addresses of this side to `dev` and brings it up.
-    fn address(&self, dev: &str, v4: &str, v6: &str) {
-        ip(
-            &self.name,
-            &["addr", "add", &format!("{v4}/24"), "dev", dev],
-        );
-        ip(
-            &self.name,
-            &["addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"],
-        );
-        ip(&self.name, &["link", "set", dev, "up"]);
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-/// A per-test parent cgroup with `app`, `proxy` and `peer` children; on drop every process
-/// left in them is killed and the directories are removed.
-struct Cgroups {
-    parent: PathBuf,
-}
-
-impl Cgroups {
-    const CHILDREN: [&'static str; 3] = ["app", "proxy", "peer"];
-
-    fn new(name: &str) -> Self {
-        let mount = ebpf::cgroup2_mount().expect("cgroup v2 mount");
-        let cg = Self {
-            parent: mount.join(name),
-        };
-        cg.remove();
-        fs::create_dir(&cg.parent).unwrap_or_else(|e| panic!("mkdir {}: {e}", cg.parent.display()));
-        for child in Self::CHILDREN {
-            fs::create_dir(cg.parent.join(child)).expect("mkdir child cgroup");
-        }
-        cg
-    }
-
-    fn child(&self, name: &str) -> PathBuf {
-        self.parent.join(name)
-    }
-
-    fn remove(&self) {
-        if !self.parent.exists() {
-            return;
-        }
-        for child in Self::CHILDREN {
-            let dir = self.parent.join(child);
-            if dir.exists() {
-                kill_all(&dir);
-                let _ = fs::remove_dir(&dir);
-            }
-        }
-        kill_all(&self.parent);
-        let _ = fs::remove_dir(&self.parent);
-    }
-}
-
-impl Drop for Cgroups {
-    fn drop(&mut self) {
-        self.remove();
-    }
-}
-
-/// Kills every process of a cgroup and waits (bounded) until it is empty.
-fn kill_all(dir: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-        let pids: Vec<i32> = procs
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect();
-        if pids.is_empty() || Instant::now() > deadline {
-            return;
-        }
-        for pid in pids {
-            // SAFETY: sending SIGKILL to a pid read from our own test cgroup.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A helper process with line-oriented stdin/stdout; killed on drop.
-struct Helper {
-    what: String,
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: Receiver<String>,
-}
-
-impl Helper {
-    /// Starts `python3 -c script args...` in `cgroup`, then (if given) in namespace `netns`.
-    fn spawn(
-        what: &str,
-        cgroup: &Path,
-        netns: Option<&Netns>,
-        script: &str,
-        args: &[&str],
-    ) -> Self {
-        let ns = netns.map(Netns::path).unwrap_or_default();
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(
-                r#"cg=$1; ns=$2; py=$3; shift 3
-                echo $$ > "$cg/cgroup.procs" || exit 1
-                if [ -n "$ns" ]; then exec nsenter --net="$ns" python3 -u -c "$py" "$@"; fi
-                exec python3 -u -c "$py" "$@""#,
-            )
-            .arg("sh")
-            .arg(cgroup)
-            .arg(ns)
-            .arg(script)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stdin = child.stdin.take();
-        let h = Self {
-            what: what.to_string(),
-            child,
-            stdin,
-            lines,
-        };
-        let ready = h.line();
-        assert_eq!(ready, "ready", "{} did not start", h.what);
-        h
-    }
-
-    fn line(&self) -> String {
-        self.lines
-            .recv_timeout(WAIT)
-            .unwrap_or_else(|e| panic!("{}: no output line within {WAIT:?} ({e})", self.what))
-    }
-
-    fn ask(&mut self, cmd: &str) -> String {
-        let stdin = self.stdin.as_mut().expect("helper stdin");
-        writeln!(stdin, "{cmd}").expect("write to helper");
-        stdin.flush().expect("flush helper stdin");
-        self.line()
-    }
-}
-
-impl Drop for Helper {
-    fn drop(&mut self) {
-        self.stdin.take();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+// The world
 
 /// How the two namespaces are joined.
 enum Link {
@@ -307,40 +93,34 @@ impl World {
         require_privileges_and_object();
         let name = format!("sco-{test}-{}", std::process::id());
         let cgroups = Cgroups::new(&name);
-        let pod = Netns::new(format!("{name}-pod"));
-        let svc = Netns::new(format!("{name}-svc"));
+        let pod = common::netns(&format!("{name}-pod"));
+        let svc = common::netns(&format!("{name}-svc"));
         let relay = match link {
             Link::Veth => {
-                let svc_ns = svc.name.clone();
-                ip(
-                    &pod.name,
-                    &[
-                        "link", "add", "scp0", "type", "veth", "peer", "name", "scs0", "netns",
-                        &svc_ns,
-                    ],
-                );
+                common::veth_pair(&pod, "scp0", &svc, "scs0");
                 None
             }
             Link::Relay { drop } => {
-                ip(&pod.name, &["tuntap", "add", "dev", "scp0", "mode", "tun"]);
-                ip(&svc.name, &["tuntap", "add", "dev", "scs0", "mode", "tun"]);
-                Some(Helper::spawn(
+                common::ip(&pod, &["tuntap", "add", "dev", "scp0", "mode", "tun"]);
+                common::ip(&svc, &["tuntap", "add", "dev", "scs0", "mode", "tun"]);
+                let (pod_path, svc_path) = (pod.path(), svc.path());
+                Some(helper(
                     "relay",
-                    &cgroups.child("peer"),
+                    &cgroups.peer(),
                     None,
                     RELAY_PY,
-                    &[&pod.path(), &svc.path(), "10", drop],
+                    &[
+                        &pod_path.to_string_lossy(),
+                        &svc_path.to_string_lossy(),
+                        "10",
+                        drop,
+                    ],
                 ))
             }
         };
-        pod.address("scp0", POD_V4, POD_V6);
-        svc.address("scs0", SVC_V4, SVC_V6);
-        let interception = Interception::attach(&InterceptConfig {
-            target_cgroup: cgroups.child("app"),
-            sidecar_cgroup: Some(cgroups.child("proxy")),
-            outbound_port: 15001,
-        })
-        .unwrap_or_else(|e| panic!("attach: {e}"));
+        address(&pod, "scp0", POD_V4, POD_V6);
+        address(&svc, "scs0", SVC_V4, SVC_V6);
+        let interception = attach(&intercept_config(&cgroups, 15001));
         Self {
             _relay: relay,
             interception,
@@ -353,9 +133,9 @@ impl World {
     /// The exchange server in the svc namespace (not observed).
     fn svc_server(&self, port: u16) -> Helper {
         let port = port.to_string();
-        Helper::spawn(
+        helper(
             "svc server",
-            &self.cgroups.child("peer"),
+            &self.cgroups.peer(),
             Some(&self.svc),
             SERVER_PY,
             &[&port],
@@ -364,9 +144,9 @@ impl World {
 
     /// The application client in the pod (observed).
     fn app_client(&self) -> Helper {
-        Helper::spawn(
+        helper(
             "app client",
-            &self.cgroups.child("app"),
+            &self.cgroups.app(),
             Some(&self.pod),
             CLIENT_PY,
             &[],
@@ -837,17 +617,17 @@ fn refused_timed_out_and_reset_connections_are_classified() {
 fn inbound_connections_accepted_in_the_pod_are_observed() {
     let mut world = World::new("inbound", Link::Relay { drop: "-" });
     // The server runs in the pod (observed); the client in the svc namespace (not observed).
-    let _server = Helper::spawn(
+    let _server = helper(
         "pod server",
-        &world.cgroups.child("app"),
+        &world.cgroups.app(),
         Some(&world.pod),
         SERVER_PY,
         &["8080"],
     );
     let mut observed = world.observe();
-    let mut client = Helper::spawn(
+    let mut client = helper(
         "svc client",
-        &world.cgroups.child("peer"),
+        &world.cgroups.peer(),
         Some(&world.svc),
         CLIENT_PY,
         &[],
@@ -923,9 +703,9 @@ fn a_full_ring_buffer_loses_records_and_counts_every_one() {
 #[test]
 fn loopback_connections_are_not_observed() {
     let mut world = World::new("loopback", Link::Veth);
-    let _server = Helper::spawn(
+    let _server = helper(
         "pod server",
-        &world.cgroups.child("app"),
+        &world.cgroups.app(),
         Some(&world.pod),
         SERVER_PY,
         &["8081"],
