@@ -282,6 +282,19 @@ struct Inner {
     summary: Arc<Summary>,
 }
 
+impl Inner {
+    /// The parent of a request span: the incoming W3C context, or a new root.
+    fn parent_context(&self, req: &HttpRequestStart<'_>) -> Context {
+        if req.traceparent.is_none() {
+            return Context::new();
+        }
+        self.propagator.extract(&TraceHeaders {
+            traceparent: req.traceparent,
+            tracestate: req.tracestate,
+        })
+    }
+}
+
 /// The incoming `traceparent`/`tracestate` pair seen as a carrier for the W3C propagator.
 struct TraceHeaders<'a> {
     traceparent: Option<&'a str>,
@@ -401,14 +414,7 @@ impl Telemetry {
         base_attrs.push(KeyValue::new(sc::URL_SCHEME, "http"));
         inner.active.add(1, &base_attrs);
 
-        let parent = if req.traceparent.is_some() {
-            inner.propagator.extract(&TraceHeaders {
-                traceparent: req.traceparent,
-                tracestate: req.tracestate,
-            })
-        } else {
-            Context::new()
-        };
+        let parent = inner.parent_context(req);
         let mut span_attrs = Vec::with_capacity(14);
         span_attrs.push(KeyValue::new(sc::HTTP_REQUEST_METHOD, method));
         if known.is_none() {

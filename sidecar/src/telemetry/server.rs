@@ -6,14 +6,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use opentelemetry::metrics::{Histogram, Meter, UpDownCounter};
-use opentelemetry::propagation::TextMapPropagator as _;
 use opentelemetry::trace::{Span as _, SpanKind, Tracer as _};
-use opentelemetry::{Context, KeyValue};
+use opentelemetry::KeyValue;
 
 use super::semconv as sc;
 use super::{
     finish_span, set_tcp_info_attributes, span_traceparent, HttpRequestEnd, HttpRequestStart,
-    Inner, Telemetry, TraceHeaders, BODY_SIZE_BUCKETS, DURATION_BUCKETS,
+    Inner, Telemetry, BODY_SIZE_BUCKETS, DURATION_BUCKETS,
 };
 
 /// The `http.server.*` instruments, created once with the client ones.
@@ -162,14 +161,7 @@ impl Telemetry {
         ];
         inner.server.active.add(1, &base_attrs);
 
-        let parent = if req.traceparent.is_some() {
-            inner.propagator.extract(&TraceHeaders {
-                traceparent: req.traceparent,
-                tracestate: req.tracestate,
-            })
-        } else {
-            Context::new()
-        };
+        let parent = inner.parent_context(req);
         let mut span_attrs = Vec::with_capacity(16);
         span_attrs.push(KeyValue::new(sc::HTTP_REQUEST_METHOD, method));
         if known.is_none() {
