@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::policy::{CidrSelection, CidrSet, PolicyConfig, PortSelection, PortSet};
+use crate::telemetry::sampling::{parse_ratio, SamplerKind};
 
 /// Exit code for invalid usage or configuration (EX_USAGE from sysexits.h).
 pub const EXIT_USAGE: u8 = 64;
@@ -75,6 +76,17 @@ pub struct RunArgs {
     #[arg(long, env = "OTEL_BSP_SCHEDULE_DELAY", value_name = "MS", default_value_t = 5_000,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub bsp_schedule_delay: u64,
+
+    /// Trace sampler: always_on, always_off, traceidratio, parentbased_always_on,
+    /// parentbased_always_off or parentbased_traceidratio. Metrics are never sampled.
+    #[arg(long, env = "OTEL_TRACES_SAMPLER", value_name = "SAMPLER",
+          default_value = "parentbased_always_on", value_parser = parse_sampler)]
+    pub traces_sampler: SamplerKind,
+
+    /// Ratio of traces the traceidratio samplers keep, from 0 to 1.
+    #[arg(long, env = "OTEL_TRACES_SAMPLER_ARG", value_name = "RATIO", default_value = "1.0",
+          value_parser = parse_sampler_arg)]
+    pub traces_sampler_arg: f64,
 
     /// File the default sink appends OTLP-JSON lines to (used when no OTLP endpoint is set).
     #[arg(
@@ -196,6 +208,15 @@ impl RunArgs {
             include_inbound_ports: self.include_inbound_ports.clone(),
         }
     }
+}
+
+fn parse_sampler(s: &str) -> Result<SamplerKind, String> {
+    s.parse()
+        .map_err(|e: crate::telemetry::sampling::SamplingError| e.to_string())
+}
+
+fn parse_sampler_arg(s: &str) -> Result<f64, String> {
+    parse_ratio(s).map_err(|e| e.to_string())
 }
 
 fn parse_endpoint(s: &str) -> Result<String, String> {
@@ -432,6 +453,71 @@ mod tests {
             flag_wins.policy_config().exclude_outbound_ports,
             ports(&[25])
         );
+    }
+
+    #[test]
+    fn traces_sampler_flags_default_read_the_environment_and_reject_bad_values() {
+        let defaults = run_args(&[]);
+        assert_eq!(defaults.traces_sampler, SamplerKind::ParentBasedAlwaysOn);
+        assert_eq!(defaults.traces_sampler_arg, 1.0);
+        let flags = run_args(&[
+            "--traces-sampler",
+            "traceidratio",
+            "--traces-sampler-arg",
+            "0.5",
+        ]);
+        assert_eq!(flags.traces_sampler, SamplerKind::TraceIdRatio);
+        assert_eq!(flags.traces_sampler_arg, 0.5);
+
+        // The only test that sets these variables (tests run in parallel); all values valid.
+        let vars = [
+            ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0.25"),
+        ];
+        for (k, v) in vars {
+            std::env::set_var(k, v);
+        }
+        let env = run_args(&[]);
+        let flag_wins = run_args(&["--traces-sampler", "always_off"]);
+        for (k, _) in vars {
+            std::env::remove_var(k);
+        }
+        assert_eq!(env.traces_sampler, SamplerKind::ParentBasedTraceIdRatio);
+        assert_eq!(env.traces_sampler_arg, 0.25);
+        assert_eq!(flag_wins.traces_sampler, SamplerKind::AlwaysOff);
+
+        let cases: &[(&str, &str, &[&str])] = &[
+            (
+                "--traces-sampler",
+                "sometimes",
+                &[
+                    "`sometimes`",
+                    "OTEL_TRACES_SAMPLER",
+                    "always_on",
+                    "parentbased_traceidratio",
+                ],
+            ),
+            (
+                "--traces-sampler-arg",
+                "1.5",
+                &["`1.5`", "OTEL_TRACES_SAMPLER_ARG"],
+            ),
+            ("--traces-sampler-arg", "x", &["`x`", "from 0 to 1"]),
+        ];
+        for (flag, value, items) in cases {
+            let err = parse(&["run", "--cgroup", "/x", flag, value]).unwrap_err();
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::ValueValidation,
+                "{flag}"
+            );
+            assert!(err.use_stderr(), "{flag}");
+            let text = err.to_string();
+            assert!(text.contains(flag), "{flag}: {text}");
+            for item in *items {
+                assert!(text.contains(item), "{flag}: {item} not in {text}");
+            }
+        }
     }
 
     #[test]

@@ -92,6 +92,10 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         sink_path: args.sink_file.clone(),
         summary_interval: (args.summary_interval > 0)
             .then(|| Duration::from_secs(args.summary_interval)),
+        sampling: telemetry::SamplingConfig {
+            kind: args.traces_sampler,
+            ratio: args.traces_sampler_arg,
+        },
     };
     let (telemetry, telemetry_guard) =
         telemetry::init(&tcfg).context("cannot start the telemetry pipeline")?;

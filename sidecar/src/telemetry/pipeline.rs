@@ -9,12 +9,13 @@ use opentelemetry_sdk::error::OTelSdkError;
 use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use opentelemetry_sdk::trace::{
-    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider, SpanExporter,
+    BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider, SpanExporter,
 };
 use opentelemetry_sdk::Resource;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::sampling::SamplingConfig;
 use super::url::Redactor;
 use super::Telemetry;
 use crate::export::otlp;
@@ -37,6 +38,9 @@ pub struct TelemetryConfig {
     pub sink_path: PathBuf,
     /// Period of the terminal summary; `None` prints none until shutdown.
     pub summary_interval: Option<Duration>,
+    /// Trace sampler (`OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG`); metrics are never
+    /// sampled.
+    pub sampling: SamplingConfig,
 }
 
 /// Why the telemetry pipeline could not start or stop cleanly.
@@ -167,7 +171,7 @@ where
                 .with_batch_config(batch)
                 .build(),
         )
-        .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
+        .with_sampler(cfg.sampling.sampler())
         .with_resource(resource.clone())
         .build();
     let reader = PeriodicReader::builder(metrics)
@@ -260,6 +264,7 @@ mod tests {
             span_schedule_delay: Duration::from_millis(100),
             sink_path,
             summary_interval: Some(Duration::from_millis(100)),
+            sampling: SamplingConfig::default(),
         }
     }
 
