@@ -22,6 +22,7 @@ const PEER_PACKAGES: &[&str] = &[
     "util-linux",
     "bpftool",
     "python3",
+    "openssl",
     "python3-venv",
     "procps",
 ];

@@ -1,9 +1,10 @@
 //! Protocol detection: decides from the application's first bytes whether a connection speaks
-//! HTTP/1.x (measured per request) or something else (forwarded opaquely), without ever
-//! losing a byte it read.
+//! HTTP/1.x (measured per request), TLS (forwarded opaquely, ClientHello facts recorded) or
+//! something else (forwarded opaquely), without ever losing a byte it read.
 
 pub mod chunked;
 pub mod http1;
+pub mod tls;
 
 use std::time::{Duration, SystemTime};
 
@@ -15,6 +16,8 @@ use crate::telemetry::ConnectionProtocol;
 
 /// Longest method token accepted while detecting (the longest registered one is far shorter).
 const MAX_METHOD_LEN: usize = 32;
+/// Most bytes buffered while waiting for a whole TLS ClientHello (records add 5 bytes each).
+const MAX_TLS_BUFFER: usize = 2 * tls::MAX_HELLO_BYTES;
 
 /// Verdict on a prefix of the application's first bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,12 +81,27 @@ pub struct Detection {
     pub initial: BytesMut,
     /// When the first of those bytes arrived (now, if none did).
     pub first_byte_at: SystemTime,
+    /// For [`ConnectionProtocol::Tls`]: what the ClientHello said, if it was read whole.
+    pub tls: Option<tls::TlsInfo>,
+}
+
+/// Joint verdict of the HTTP/1 and TLS classifiers.
+fn decide(buf: &[u8]) -> Option<ConnectionProtocol> {
+    match (classify(buf), tls::classify(buf)) {
+        (Class::Http1, _) => Some(ConnectionProtocol::Http1),
+        (_, tls::Class::Tls) => Some(ConnectionProtocol::Tls),
+        (Class::Opaque, tls::Class::NotTls) => Some(ConnectionProtocol::Opaque),
+        _ => None,
+    }
 }
 
 /// Waits up to `timeout` for the application's first bytes while watching the upstream. If the
 /// upstream speaks (or closes) first, the application closes, or nothing decisive arrives in
-/// time or within `max_head_bytes`, the connection is opaque. A read error on the application
-/// socket is returned as is (the caller resets the upstream).
+/// time or within `max_head_bytes`, the connection is opaque. Once a TLS ClientHello header is
+/// seen, it keeps reading (same deadline, at most [`MAX_TLS_BUFFER`] bytes) until the whole
+/// ClientHello is there to read SNI and ALPN from; if it never is, the connection is still TLS,
+/// without those facts. A read error on the application socket is returned as is (the caller
+/// resets the upstream).
 pub async fn detect(
     client: &TcpStream,
     upstream: &TcpStream,
@@ -94,31 +112,45 @@ pub async fn detect(
     let mut initial = BytesMut::new();
     let mut first_byte_at = None;
     let mut peek = [0u8; 1];
-    let protocol = loop {
+    let mut protocol = None;
+    let mut tls_info = None;
+    loop {
+        if protocol == Some(ConnectionProtocol::Tls) {
+            match tls::parse_client_hello(&initial) {
+                tls::Parse::Complete(info) => {
+                    tls_info = Some(info);
+                    break;
+                }
+                tls::Parse::Invalid => break,
+                tls::Parse::NeedMore if initial.len() >= MAX_TLS_BUFFER => break,
+                tls::Parse::NeedMore => {}
+            }
+        } else if protocol.is_some() {
+            break;
+        }
         tokio::select! {
             biased;
             read = read_into(client, &mut initial) => {
                 if read? == 0 {
-                    break ConnectionProtocol::Opaque;
+                    break;
                 }
                 first_byte_at.get_or_insert_with(SystemTime::now);
-                match classify(&initial) {
-                    Class::Http1 => break ConnectionProtocol::Http1,
-                    Class::Opaque => break ConnectionProtocol::Opaque,
-                    Class::NeedMore if initial.len() >= max_head_bytes => {
-                        break ConnectionProtocol::Opaque
+                if protocol.is_none() {
+                    protocol = decide(&initial);
+                    if protocol.is_none() && initial.len() >= max_head_bytes {
+                        break;
                     }
-                    Class::NeedMore => {}
                 }
             }
-            _ = upstream.peek(&mut peek) => break ConnectionProtocol::Opaque,
-            () = tokio::time::sleep_until(deadline) => break ConnectionProtocol::Opaque,
+            _ = upstream.peek(&mut peek) => break,
+            () = tokio::time::sleep_until(deadline) => break,
         }
-    };
+    }
     Ok(Detection {
-        protocol,
+        protocol: protocol.unwrap_or(ConnectionProtocol::Opaque),
         initial,
         first_byte_at: first_byte_at.unwrap_or_else(SystemTime::now),
+        tls: tls_info,
     })
 }
 

@@ -72,6 +72,7 @@ impl ConnShared {
         let code = match protocol {
             ConnectionProtocol::Opaque => 0,
             ConnectionProtocol::Http1 => 1,
+            ConnectionProtocol::Tls => 2,
         };
         self.protocol.store(code, Ordering::Relaxed);
     }
@@ -79,6 +80,7 @@ impl ConnShared {
     pub(crate) fn protocol(&self) -> ConnectionProtocol {
         match self.protocol.load(Ordering::Relaxed) {
             1 => ConnectionProtocol::Http1,
+            2 => ConnectionProtocol::Tls,
             _ => ConnectionProtocol::Opaque,
         }
     }

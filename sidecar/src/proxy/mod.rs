@@ -16,7 +16,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use orig_dst::{LocalAddrDst, MockOrigDst, OriginalDst, SoOriginalDst};
 
+use crate::protocol::tls::TlsInfo;
 use crate::protocol::{self, http1::Http1};
 use crate::telemetry::{
     ConnectionDirection, ConnectionProtocol, ErrorType, TcpConnectionRecord, Telemetry,
@@ -385,6 +386,8 @@ struct ConnRecord {
     shared: Arc<ConnShared>,
     accepted_at: Instant,
     finished: AtomicBool,
+    /// What the TLS ClientHello said, once detection read one.
+    tls: OnceLock<TlsInfo>,
 }
 
 impl Drop for ConnRecord {
@@ -402,7 +405,7 @@ impl Drop for ConnRecord {
             error: self.shared.error(),
         };
         self.telemetry
-            .tcp_connection_with_direction(&rec, self.direction);
+            .tcp_connection_with_tls(&rec, self.direction, self.tls.get());
         #[cfg(test)]
         observe::push_connection(
             rec.destination,
@@ -496,6 +499,7 @@ async fn handle_connection(
         shared: Arc::clone(&conn),
         accepted_at,
         finished: AtomicBool::new(false),
+        tls: OnceLock::new(),
     };
     let connect =
         tokio::time::timeout(shared.cfg.connect_timeout, connect_upstream(direction, dst)).await;
@@ -539,8 +543,12 @@ async fn handle_connection(
         }
         Ok(detection) => {
             conn.set_protocol(detection.protocol);
+            if let Some(info) = detection.tls {
+                tracing::debug!(%peer, %dst, sni = ?info.sni, alpn = ?info.alpn, "TLS ClientHello");
+                let _ = record.tls.set(info);
+            }
             match detection.protocol {
-                ConnectionProtocol::Opaque => {
+                ConnectionProtocol::Opaque | ConnectionProtocol::Tls => {
                     forward::opaque(client, upstream, &detection.initial, &conn).await
                 }
                 ConnectionProtocol::Http1 => {

@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 mod inbound;
+mod tls;
 
 use super::observe::{self, Connection, Exchange};
 use super::*;

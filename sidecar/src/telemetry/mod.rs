@@ -18,8 +18,10 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 
 use crate::export::summary::Summary;
+use crate::protocol::tls::TlsInfo;
 
 mod pipeline;
+pub mod sampling;
 pub mod semconv;
 mod server;
 mod tcp;
@@ -30,6 +32,7 @@ mod tests;
 pub mod url;
 
 pub use pipeline::{init, TelemetryConfig, TelemetryError, TelemetryGuard};
+pub use sampling::{SamplerKind, SamplingConfig};
 pub use server::{ServerRequest, ServerRequestInfo};
 pub use tcp::{TcpDirection, TcpObservation, TcpOutcome};
 
@@ -104,6 +107,9 @@ pub enum ConnectionProtocol {
     Http1,
     /// Not recognised: forwarded opaquely.
     Opaque,
+    /// Starts with a TLS ClientHello: forwarded opaquely (never terminated), SNI and ALPN
+    /// recorded.
+    Tls,
 }
 
 /// Which way a proxied connection goes, as `sidecar.direction` spells it.
@@ -510,12 +516,35 @@ impl Telemetry {
         rec: &TcpConnectionRecord,
         direction: ConnectionDirection,
     ) {
+        self.tcp_connection_with_tls(rec, direction, None);
+    }
+
+    /// Records a closed proxied TCP connection going `direction`, with what its TLS
+    /// ClientHello said when it was one: `tls.protocol.name`, the SNI as `server.address` (the
+    /// destination IP then moves to `network.peer.address`) and the offered ALPN ids as
+    /// `sidecar.tls.client.alpn`.
+    pub fn tcp_connection_with_tls(
+        &self,
+        rec: &TcpConnectionRecord,
+        direction: ConnectionDirection,
+        tls: Option<&TlsInfo>,
+    ) {
         let inner = &self.inner;
-        let mut attrs = Vec::with_capacity(7);
-        attrs.push(KeyValue::new(
-            sc::SERVER_ADDRESS,
-            rec.destination.ip().to_string(),
-        ));
+        let mut attrs = Vec::with_capacity(10);
+        let ip = rec.destination.ip().to_string();
+        match tls.and_then(|t| t.sni.as_deref()) {
+            Some(sni) => {
+                attrs.push(KeyValue::new(sc::SERVER_ADDRESS, sni.to_string()));
+                attrs.push(KeyValue::new(sc::NETWORK_PEER_ADDRESS, ip));
+            }
+            None => attrs.push(KeyValue::new(sc::SERVER_ADDRESS, ip)),
+        }
+        if rec.protocol == ConnectionProtocol::Tls {
+            attrs.push(KeyValue::new(sc::TLS_PROTOCOL_NAME, "tls"));
+        }
+        if let Some(t) = tls.filter(|t| !t.alpn.is_empty()) {
+            attrs.push(KeyValue::new(sc::SIDECAR_TLS_CLIENT_ALPN, t.alpn_joined()));
+        }
         attrs.push(KeyValue::new(
             sc::SERVER_PORT,
             i64::from(rec.destination.port()),

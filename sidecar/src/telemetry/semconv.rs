@@ -35,6 +35,12 @@ pub const NETWORK_TRANSPORT: &str = "network.transport";
 pub const NETWORK_IO_DIRECTION: &str = "network.io.direction";
 /// `error.type`
 pub const ERROR_TYPE: &str = "error.type";
+/// `tls.protocol.name` (normalised lower-case protocol name: `tls` for a ClientHello seen).
+pub const TLS_PROTOCOL_NAME: &str = "tls.protocol.name";
+/// `sidecar.tls.client.alpn` (project-specific: the ALPN ids the client offered, joined with
+/// `,`, at most four; OTel's `tls.next_protocol` is the *negotiated* id, which a passthrough
+/// proxy cannot see under TLS 1.3, so it is not set).
+pub const SIDECAR_TLS_CLIENT_ALPN: &str = "sidecar.tls.client.alpn";
 /// `sidecar.protocol` (project-specific: what the proxy recognised on a connection).
 pub const SIDECAR_PROTOCOL: &str = "sidecar.protocol";
 /// `client.address` (SERVER spans: the remote peer's IP).
@@ -113,6 +119,7 @@ pub fn connection_protocol_str(p: ConnectionProtocol) -> &'static str {
     match p {
         ConnectionProtocol::Http1 => "http1",
         ConnectionProtocol::Opaque => "opaque",
+        ConnectionProtocol::Tls => "tls",
     }
 }
 
