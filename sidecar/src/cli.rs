@@ -106,6 +106,30 @@ pub struct RunArgs {
     )]
     pub summary_interval: u64,
 
+    /// Route templates of inbound requests, comma-separated (`/users/{id},/orders/{o}/items/{i}`):
+    /// a `{name}` segment matches one path segment; the first match is `http.route`. Paths no
+    /// template matches get a heuristic route (identifier-like segments become `{id}`).
+    #[arg(long, env = "SIDECAR_ROUTES", value_name = "TEMPLATES", value_delimiter = ',',
+          value_parser = parse_route_template)]
+    pub routes: Vec<String>,
+
+    /// Cap on distinct `http.route` values per sidecar; later new routes are recorded as
+    /// `_OTHER`.
+    #[arg(long, env = "SIDECAR_MAX_ROUTES", value_name = "N",
+          default_value_t = crate::telemetry::route::DEFAULT_MAX_ROUTES)]
+    pub max_routes: usize,
+
+    /// Query parameters whose values are replaced by `REDACTED` in `url.full` and `url.query`,
+    /// comma-separated, case-insensitive; replaces the default list
+    /// (token,access_token,password,secret,api_key,sig).
+    #[arg(
+        long,
+        env = "SIDECAR_REDACT_QUERY_PARAMS",
+        value_name = "NAMES",
+        value_delimiter = ','
+    )]
+    pub redact_query_params: Option<Vec<String>>,
+
     /// Seconds to wait, after SIGTERM/SIGINT, for in-flight connections to finish.
     #[arg(
         long,
@@ -217,6 +241,13 @@ fn parse_sampler(s: &str) -> Result<SamplerKind, String> {
 
 fn parse_sampler_arg(s: &str) -> Result<f64, String> {
     parse_ratio(s).map_err(|e| e.to_string())
+}
+
+fn parse_route_template(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    crate::telemetry::route::RouteTable::new([s], 1)
+        .map(|_| s.to_owned())
+        .map_err(|e| e.to_string())
 }
 
 fn parse_endpoint(s: &str) -> Result<String, String> {
@@ -453,6 +484,45 @@ mod tests {
             flag_wins.policy_config().exclude_outbound_ports,
             ports(&[25])
         );
+    }
+
+    #[test]
+    fn route_and_redaction_flags() {
+        let defaults = run_args(&[]);
+        assert!(defaults.routes.is_empty());
+        assert_eq!(defaults.max_routes, 100);
+        assert_eq!(defaults.redact_query_params, None);
+        let flags = run_args(&[
+            "--routes",
+            "/users/{id}, /orders/{o}/items/{i}",
+            "--max-routes",
+            "5",
+            "--redact-query-params",
+            "x,Session",
+        ]);
+        assert_eq!(flags.routes, ["/users/{id}", "/orders/{o}/items/{i}"]);
+        assert_eq!(flags.max_routes, 5);
+        assert_eq!(
+            flags.redact_query_params,
+            Some(vec!["x".to_owned(), "Session".to_owned()])
+        );
+        assert_eq!(
+            run_args(&["--redact-query-params", ""]).redact_query_params,
+            Some(vec![String::new()]),
+            "an empty list (the redactor ignores empty names)"
+        );
+        for bad in [
+            &["--routes", "users/{id}"][..],
+            &["--routes", "/a/{"],
+            &["--max-routes", "-1"],
+        ] {
+            let all: Vec<&str> = ["run", "--cgroup", "/x"]
+                .iter()
+                .chain(bad)
+                .copied()
+                .collect();
+            assert!(parse(&all).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

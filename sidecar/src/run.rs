@@ -96,6 +96,9 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
             kind: args.traces_sampler,
             ratio: args.traces_sampler_arg,
         },
+        routes: args.routes.clone(),
+        max_routes: args.max_routes,
+        redact_query_params: args.redact_query_params.clone(),
     };
     let (telemetry, telemetry_guard) =
         telemetry::init(&tcfg).context("cannot start the telemetry pipeline")?;

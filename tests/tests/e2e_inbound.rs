@@ -179,7 +179,7 @@ async fn inbound_request_is_steered_traced_and_measured() {
         "exactly one traceparent value: {req:#?}"
     );
     let a = &span.attributes;
-    assert_eq!(span.name, "GET");
+    assert_eq!(span.name, "GET /bytes/{id}", "heuristic http.route");
     assert_eq!(a.str("http.request.method"), Some("GET"), "{a:?}");
     assert_eq!(a.int("http.response.status_code"), Some(200), "{a:?}");
     assert_eq!(a.int("server.port"), Some(i64::from(APP_PORT)), "{a:?}");

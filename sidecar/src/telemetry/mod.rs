@@ -21,6 +21,7 @@ use crate::export::summary::Summary;
 use crate::protocol::tls::TlsInfo;
 
 mod pipeline;
+pub mod route;
 pub mod sampling;
 pub mod semconv;
 mod server;
@@ -277,6 +278,7 @@ struct Inner {
     tracer: SdkTracer,
     propagator: TraceContextPropagator,
     redactor: url::Redactor,
+    routes: route::RouteTable,
     duration: Histogram<f64>,
     request_body: Histogram<u64>,
     response_body: Histogram<u64>,
@@ -331,13 +333,31 @@ impl Extractor for TraceHeaders<'_> {
 }
 
 impl Telemetry {
-    /// Builds the handle over SDK providers made by [`init`] (or by tests), creating every
-    /// instrument once.
+    /// Builds the handle over SDK providers made by tests, with the default route table.
+    #[cfg(test)]
     pub(crate) fn new(
         tracer_provider: &SdkTracerProvider,
         meter_provider: &SdkMeterProvider,
         summary: Arc<Summary>,
         redactor: url::Redactor,
+    ) -> Self {
+        Self::with_routes(
+            tracer_provider,
+            meter_provider,
+            summary,
+            redactor,
+            route::RouteTable::default(),
+        )
+    }
+
+    /// Builds the handle over SDK providers made by [`init`] (or by tests), creating every
+    /// instrument once; `routes` gives the `http.route` of inbound requests.
+    pub(crate) fn with_routes(
+        tracer_provider: &SdkTracerProvider,
+        meter_provider: &SdkMeterProvider,
+        summary: Arc<Summary>,
+        redactor: url::Redactor,
+        routes: route::RouteTable,
     ) -> Self {
         let scope = InstrumentationScope::builder(SCOPE_NAME)
             .with_version(env!("CARGO_PKG_VERSION"))
@@ -384,6 +404,7 @@ impl Telemetry {
                 tracer,
                 propagator: TraceContextPropagator::new(),
                 redactor,
+                routes,
                 duration,
                 request_body,
                 response_body,

@@ -15,6 +15,7 @@ use opentelemetry_sdk::Resource;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::route::{RouteError, RouteTable};
 use super::sampling::SamplingConfig;
 use super::url::Redactor;
 use super::Telemetry;
@@ -41,6 +42,14 @@ pub struct TelemetryConfig {
     /// Trace sampler (`OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG`); metrics are never
     /// sampled.
     pub sampling: SamplingConfig,
+    /// `http.route` templates of inbound requests (`/users/{id}`), first match wins.
+    pub routes: Vec<String>,
+    /// Cap on distinct `http.route` values; beyond it the route is `_OTHER`.
+    pub max_routes: usize,
+    /// Query parameters whose values are redacted in `url.full` and `url.query`
+    /// (case-insensitive); `None` keeps
+    /// [`DEFAULT_REDACTED_QUERY_PARAMS`](super::url::DEFAULT_REDACTED_QUERY_PARAMS).
+    pub redact_query_params: Option<Vec<String>>,
 }
 
 /// Why the telemetry pipeline could not start or stop cleanly.
@@ -69,6 +78,9 @@ pub enum TelemetryError {
         #[source]
         source: OTelSdkError,
     },
+    /// A configured route template is invalid.
+    #[error(transparent)]
+    Route(#[from] RouteError),
     /// The blocking shutdown task panicked or was cancelled.
     #[error("the telemetry shutdown task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
@@ -91,6 +103,11 @@ pub struct TelemetryGuard {
 /// live on it).
 pub fn init(cfg: &TelemetryConfig) -> Result<(Telemetry, TelemetryGuard), TelemetryError> {
     let runtime = tokio::runtime::Handle::try_current().map_err(|_| TelemetryError::NoRuntime)?;
+    let routes = RouteTable::new(&cfg.routes, cfg.max_routes)?;
+    let redactor = match &cfg.redact_query_params {
+        Some(names) => Redactor::new(names.iter().map(String::as_str)),
+        None => Redactor::default(),
+    };
     let resource = resource(cfg.service_name.as_deref());
     let (tracer_provider, meter_provider) = match cfg.otlp_endpoint.as_deref() {
         Some(endpoint) => {
@@ -116,11 +133,12 @@ pub fn init(cfg: &TelemetryConfig) -> Result<(Telemetry, TelemetryGuard), Teleme
         }
     };
     let summary = Arc::new(Summary::new());
-    let telemetry = Telemetry::new(
+    let telemetry = Telemetry::with_routes(
         &tracer_provider,
         &meter_provider,
         Arc::clone(&summary),
-        Redactor::default(),
+        redactor,
+        routes,
     );
     let stop = CancellationToken::new();
     let task = cfg.summary_interval.map(|period| {
@@ -265,6 +283,9 @@ mod tests {
             sink_path,
             summary_interval: Some(Duration::from_millis(100)),
             sampling: SamplingConfig::default(),
+            routes: vec!["/orders/{id}".into()],
+            max_routes: 100,
+            redact_query_params: None,
         }
     }
 

@@ -9,6 +9,7 @@ use opentelemetry::metrics::{Histogram, Meter, UpDownCounter};
 use opentelemetry::trace::{Span as _, SpanKind, Tracer as _};
 use opentelemetry::KeyValue;
 
+use super::route::HTTP_ROUTE;
 use super::semconv as sc;
 use super::{
     finish_span, set_tcp_info_attributes, span_traceparent, HttpRequestEnd, HttpRequestStart,
@@ -74,6 +75,8 @@ pub struct ServerRequest {
     /// `http.request.method`, `url.scheme`, `server.port`: the attributes of
     /// `http.server.active_requests` and the first three of the other server instruments.
     base_attrs: Vec<KeyValue>,
+    /// `http.route`, when the request target has a path.
+    route: Option<String>,
     version: &'static str,
     start: SystemTime,
     ended: bool,
@@ -172,8 +175,12 @@ impl Telemetry {
         }
         span_attrs.push(KeyValue::new(sc::URL_SCHEME, "http"));
         let (path, query) = path_and_query(req.target);
+        let route = path.map(|p| inner.routes.route(p));
         if let Some(path) = path {
             span_attrs.push(KeyValue::new(sc::URL_PATH, path.to_owned()));
+        }
+        if let Some(route) = &route {
+            span_attrs.push(KeyValue::new(HTTP_ROUTE, route.clone()));
         }
         if let Some(query) = query {
             let mut redacted = String::with_capacity(query.len());
@@ -194,9 +201,14 @@ impl Telemetry {
         if let Some(ua) = info.user_agent {
             span_attrs.push(KeyValue::new(sc::USER_AGENT_ORIGINAL, ua.to_owned()));
         }
+        let method_name = known.unwrap_or("HTTP");
+        let span_name = match &route {
+            Some(route) => format!("{method_name} {route}"),
+            None => method_name.to_owned(),
+        };
         let span = inner
             .tracer
-            .span_builder(known.unwrap_or("HTTP"))
+            .span_builder(span_name)
             .with_kind(SpanKind::Server)
             .with_start_time(req.start)
             .with_attributes(span_attrs)
@@ -208,6 +220,7 @@ impl Telemetry {
             span: Some(span),
             traceparent,
             base_attrs,
+            route,
             version,
             start: req.start,
             ended: false,
@@ -225,6 +238,9 @@ impl Telemetry {
         let error = sc::http_server_error_type(end.status, end.error);
         let mut attrs = std::mem::take(&mut req.base_attrs);
         attrs.push(KeyValue::new(sc::NETWORK_PROTOCOL_VERSION, req.version));
+        if let Some(route) = req.route.take() {
+            attrs.push(KeyValue::new(HTTP_ROUTE, route));
+        }
         if let Some(status) = end.status {
             attrs.push(KeyValue::new(
                 sc::HTTP_RESPONSE_STATUS_CODE,
@@ -252,6 +268,7 @@ impl Telemetry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::testing::TestTelemetry;
     use crate::telemetry::{ErrorType, HttpVersion};
     use opentelemetry::trace::{SpanKind, Status};
     use opentelemetry::Value;
@@ -323,7 +340,8 @@ mod tests {
         assert_eq!(spans.len(), 1);
         let span = &spans[0];
         assert_eq!(span.span_kind, SpanKind::Server);
-        assert_eq!(span.name, "GET");
+        assert_eq!(span.name, "GET /orders");
+        assert_eq!(attr(span, "http.route"), Some(&Value::from("/orders")));
         assert_eq!(span.parent_span_id.to_string(), "00f067aa0ba902b7");
         assert_eq!(
             tp,
@@ -378,6 +396,7 @@ mod tests {
             [
                 "http.request.method",
                 "http.response.status_code",
+                "http.route",
                 "network.protocol.version",
                 "server.port",
                 "url.scheme"
@@ -404,6 +423,90 @@ mod tests {
             tt.summary().destinations.is_empty(),
             "the summary lists outbound destinations only"
         );
+    }
+
+    /// `for_tests` with these route templates and cap.
+    fn with_routes(templates: &[&str], max: usize) -> (Telemetry, TestTelemetry) {
+        let (mut t, tt) = Telemetry::for_tests();
+        Arc::get_mut(&mut t.inner).unwrap().routes =
+            crate::telemetry::route::RouteTable::new(templates, max).unwrap();
+        (t, tt)
+    }
+
+    fn routes_of(tt: &TestTelemetry) -> Vec<(String, u64)> {
+        let mut routes: Vec<(String, u64)> = tt
+            .metric_points("http.server.request.duration")
+            .iter()
+            .map(|p| {
+                let route = match p.attr("http.route") {
+                    Some(Value::String(s)) => s.to_string(),
+                    None => "(none)".to_owned(),
+                    other => panic!("http.route is not a string: {other:?}"),
+                };
+                (route, p.count().unwrap())
+            })
+            .collect();
+        routes.sort();
+        routes
+    }
+
+    #[test]
+    fn templates_give_one_route_series_and_span_names() {
+        let (t, tt) = with_routes(&["/users/{id}"], 100);
+        for target in ["/users/42?token=abc", "/users/43", "http://h:1/users/44"] {
+            let s = start(target, None);
+            let req = t.server_request_start(&s, &info());
+            t.server_request_end(req, end(s.start, Some(200), None));
+        }
+        let s = start("*", None);
+        let req = t.server_request_start(&s, &info());
+        t.server_request_end(req, end(s.start, Some(200), None));
+
+        let spans = tt.spans();
+        assert_eq!(spans.len(), 4);
+        for span in &spans[..3] {
+            assert_eq!(span.name, "GET /users/{id}");
+            assert_eq!(attr(span, "http.route"), Some(&Value::from("/users/{id}")));
+        }
+        assert_eq!(spans[3].name, "GET", "no path, no route");
+        assert_eq!(attr(&spans[3], "http.route"), None);
+        let points = tt.metric_points("http.server.request.duration");
+        assert_eq!(points.len(), 2, "{points:?}");
+        assert_eq!(
+            routes_of(&tt),
+            [("(none)".to_owned(), 1), ("/users/{id}".to_owned(), 3)]
+        );
+        let active = tt.metric_points("http.server.active_requests");
+        assert!(
+            active.iter().all(|p| p.attr("http.route").is_none()),
+            "active_requests has no http.route (semantic conventions)"
+        );
+    }
+
+    #[test]
+    fn heuristic_routes_and_the_cap_on_metrics() {
+        let (t, tt) = with_routes(&[], 2);
+        for target in [
+            "/users/42",
+            "/users/43",
+            "/items/7/a",
+            "/new/9",
+            "/users/44",
+        ] {
+            let s = start(target, None);
+            let req = t.server_request_start(&s, &info());
+            t.server_request_end(req, end(s.start, Some(200), None));
+        }
+        assert_eq!(
+            routes_of(&tt),
+            [
+                ("/items/{id}/a".to_owned(), 1),
+                ("/users/{id}".to_owned(), 3),
+                ("_OTHER".to_owned(), 1),
+            ]
+        );
+        let spans = tt.spans();
+        assert_eq!(spans[3].name, "GET _OTHER");
     }
 
     #[test]

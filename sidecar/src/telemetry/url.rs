@@ -4,8 +4,8 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 
-/// Query parameters whose values are never recorded. The one place the default list lives;
-/// [`Redactor::new`] takes another list (configuration, later).
+/// Query parameters whose values are never recorded by default. The one place the default list
+/// lives; [`Redactor::new`] takes another list (`--redact-query-params`), which replaces it.
 pub const DEFAULT_REDACTED_QUERY_PARAMS: &[&str] = &[
     "token",
     "access_token",
@@ -31,10 +31,15 @@ impl Default for Redactor {
 }
 
 impl Redactor {
-    /// A redactor for these parameter names.
+    /// A redactor for these parameter names (surrounding blanks trimmed, empty names ignored).
     pub fn new<'a>(names: impl IntoIterator<Item = &'a str>) -> Self {
         Self {
-            names: names.into_iter().map(Box::from).collect(),
+            names: names
+                .into_iter()
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(Box::from)
+                .collect(),
         }
     }
 
@@ -220,6 +225,21 @@ mod tests {
             r.url_full("/?session=1&token=2", Some("h"), dst()),
             "http://h/?session=REDACTED&token=2"
         );
+    }
+
+    #[test]
+    fn configured_names_are_case_insensitive_and_blank_names_ignored() {
+        let r = Redactor::new([" X ", "", "Session"]);
+        let mut out = String::new();
+        r.push_query(&mut out, "x=1&X=2&SESSION=s&session=t&=v&token=keep");
+        assert_eq!(
+            out,
+            "x=REDACTED&X=REDACTED&SESSION=REDACTED&session=REDACTED&=v&token=keep"
+        );
+        let none = Redactor::new([]);
+        let mut out = String::new();
+        none.push_query(&mut out, "token=abc");
+        assert_eq!(out, "token=abc", "an empty list redacts nothing");
     }
 
     #[test]

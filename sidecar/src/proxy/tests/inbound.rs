@@ -232,7 +232,7 @@ async fn inbound_request_gets_a_server_span_whose_context_reaches_the_app() {
     assert_eq!(spans.len(), 1);
     let span = &spans[0];
     assert_eq!(span.span_kind, SpanKind::Server);
-    assert_eq!(span.name, "POST");
+    assert_eq!(span.name, "POST /orders");
     assert_eq!(span.parent_span_id.to_string(), "00f067aa0ba902b7");
     assert_eq!(
         span.span_context.trace_id().to_string(),
@@ -278,7 +278,11 @@ async fn inbound_request_gets_a_server_span_whose_context_reaches_the_app() {
     assert_eq!(attr("http.response.status_code"), Some(&Value::I64(201)));
     assert_eq!(attr("http.request.body.size"), Some(&Value::I64(5)));
     assert_eq!(attr("http.response.body.size"), Some(&Value::I64(3)));
-    assert_eq!(attr("http.route"), None, "no route before issue 4");
+    assert_eq!(
+        attr("http.route"),
+        Some(&Value::from("/orders")),
+        "heuristic route: no identifier segment"
+    );
     match attr("sidecar.connection.rtt") {
         Some(Value::F64(rtt)) => assert!(*rtt > 0.0 && *rtt < 1.0, "rtt {rtt}"),
         other => panic!("sidecar.connection.rtt: {other:?}"),
@@ -302,6 +306,7 @@ async fn inbound_request_gets_a_server_span_whose_context_reaches_the_app() {
         [
             "http.request.method",
             "http.response.status_code",
+            "http.route",
             "network.protocol.version",
             "server.port",
             "url.scheme"
