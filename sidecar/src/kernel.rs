@@ -169,16 +169,30 @@ fn check_program_types(report: &mut CheckReport) {
         ("sk_lookup", ProgramType::SkLookup, "5.9"),
     ];
     for (name, ty, since) in types {
-        let label = format!("program type {name}");
-        match is_program_supported(ty) {
-            Ok(true) => report.push(label, true, format!("supported (Linux {since}+)")),
-            Ok(false) => report.push(
-                label,
-                false,
-                format!("not supported (needs Linux {since}+)"),
-            ),
-            Err(e) => report.push(label, false, format!("probe failed: {e}")),
-        }
+        push_probe(
+            report,
+            format!("program type {name}"),
+            since,
+            is_program_supported(ty),
+        );
+    }
+}
+
+/// Adds one line for a program- or map-type probe.
+fn push_probe<E: std::fmt::Display>(
+    report: &mut CheckReport,
+    label: String,
+    since: &str,
+    probe: Result<bool, E>,
+) {
+    match probe {
+        Ok(true) => report.push(label, true, format!("supported (Linux {since}+)")),
+        Ok(false) => report.push(
+            label,
+            false,
+            format!("not supported (needs Linux {since}+)"),
+        ),
+        Err(e) => report.push(label, false, format!("probe failed: {e}")),
     }
 }
 
@@ -193,16 +207,12 @@ fn check_map_types(report: &mut CheckReport) {
         ("sockmap", MapType::SockMap, "5.7"),
     ];
     for (name, ty, since) in types {
-        let label = format!("map type {name}");
-        match is_map_supported(ty) {
-            Ok(true) => report.push(label, true, format!("supported (Linux {since}+)")),
-            Ok(false) => report.push(
-                label,
-                false,
-                format!("not supported (needs Linux {since}+)"),
-            ),
-            Err(e) => report.push(label, false, format!("probe failed: {e}")),
-        }
+        push_probe(
+            report,
+            format!("map type {name}"),
+            since,
+            is_map_supported(ty),
+        );
     }
 }
 

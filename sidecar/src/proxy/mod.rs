@@ -503,21 +503,21 @@ async fn handle_connection(
     };
     let connect =
         tokio::time::timeout(shared.cfg.connect_timeout, connect_upstream(direction, dst)).await;
-    let upstream = match connect {
-        Ok(Ok(upstream)) => upstream,
+    let failure = match connect {
+        Ok(Ok(upstream)) => Ok(upstream),
         Ok(Err(e)) => {
             tracing::debug!(%peer, %dst, error = %e, "upstream connect failed");
-            conn.set_error(error_type(&e));
-            shared
-                .counters
-                .connect_failures
-                .fetch_add(1, Ordering::Relaxed);
-            record.finished.store(true, Ordering::Relaxed);
-            return;
+            Err(error_type(&e))
         }
         Err(_) => {
             tracing::debug!(%peer, %dst, "upstream connect timed out");
-            conn.set_error(ErrorType::Timeout);
+            Err(ErrorType::Timeout)
+        }
+    };
+    let upstream = match failure {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            conn.set_error(error);
             shared
                 .counters
                 .connect_failures
