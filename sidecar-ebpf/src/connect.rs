@@ -2,11 +2,16 @@
 //! proxy's outbound listener and remember each original destination by socket cookie.
 //!
 //! Never redirected: non-TCP sockets, redirection disabled (port 0), connects made from the
-//! sidecar's own cgroup, local destinations (127.0.0.0/8, 0.0.0.0, ::1, ::), IPv4-mapped IPv6
-//! destinations, the proxy port itself, destinations excluded by policy (excluded ports and
+//! sidecar's own cgroup, local destinations (127.0.0.0/8, 0.0.0.0, ::1, ::, and their IPv4-mapped
+//! forms), the proxy port itself, destinations excluded by policy (excluded ports and
 //! networks, or outside the include list when one is set; see [`crate::policy`]), and any
 //! connect while nothing listens on the proxy address in the socket's network namespace
 //! (fail-open). The programs always allow the connect: they can rewrite it, never block it.
+//!
+//! A dual-stack IPv6 socket connecting to an IPv4-mapped address (`::ffff:a.b.c.d`, how gRPC
+//! C-core, Java and others dial IPv4) is an IPv4 connection: it is judged by the IPv4 rules and
+//! sent to `::ffff:127.0.0.1`, i.e. the proxy's IPv4 listener, with the IPv4 destination
+//! recorded.
 
 use aya_ebpf::{
     bindings::{
@@ -26,8 +31,8 @@ use sidecar_common::{ConfigKey, SockAddr};
 
 use crate::{
     kernel::{
-        is_local_or_mapped_v6, is_local_v4, read_words, write_words, IPPROTO_TCP, LOOPBACK_V4,
-        LOOPBACK_V6, SOCK_STREAM,
+        is_local_or_mapped_v6, is_local_v4, is_v4_mapped, read_words, write_words, IPPROTO_TCP,
+        LOOPBACK_V4, LOOPBACK_V6, SOCK_STREAM,
     },
     maps::{config, ORIG_DST_BY_COOKIE},
     policy::{skip_outbound_v4, skip_outbound_v6},
@@ -175,6 +180,9 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<(), Skip> {
     // SAFETY: `user_ip6` is four readable u32 words of the connect6 context.
     let ip = unsafe { read_words(&(*sa).user_ip6) };
     let port = dst_port(sa);
+    if is_v4_mapped(ip) {
+        return connect6_mapped(ctx, proxy_port, ip[3], port);
+    }
     if is_local_or_mapped_v6(ip) || port == proxy_port {
         return Err(Skip::NotOurs);
     }
@@ -203,6 +211,43 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<(), Skip> {
     // context.
     unsafe {
         write_words(&mut (*sa).user_ip6, LOOPBACK_V6);
+        core::ptr::write_volatile(&mut (*sa).user_port, u32::from(proxy_port.to_be()));
+    }
+    Ok(())
+}
+
+/// A connect6 to the IPv4-mapped address of `ip` (network order): the IPv4 rules decide, the
+/// proxy's IPv4 listener is the target (as `::ffff:127.0.0.1`).
+#[inline(always)]
+fn connect6_mapped(ctx: &SockAddrContext, proxy_port: u16, ip: u32, port: u16) -> Result<(), Skip> {
+    let sa = ctx.sock_addr;
+    if is_local_v4(ip) || port == proxy_port {
+        return Err(Skip::NotOurs);
+    }
+    if skip_outbound_v4(ip, port) {
+        return Err(Skip::Policy);
+    }
+    let mut tuple = bpf_sock_tuple {
+        __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 {
+            ipv4: TupleV4 {
+                saddr: 0,
+                daddr: LOOPBACK_V4,
+                sport: 0,
+                dport: proxy_port.to_be(),
+            },
+        },
+    };
+    if !listening(ctx, &mut tuple, core::mem::size_of::<TupleV4>()) {
+        return Err(Skip::ProxyDown);
+    }
+    remember(ctx, &SockAddr::v4(ip, port))?;
+    // SAFETY: `user_ip6` (four u32 words) and `user_port` are writable fields of the connect6
+    // context.
+    unsafe {
+        write_words(
+            &mut (*sa).user_ip6,
+            [0, 0, 0x0000_ffff_u32.to_be(), LOOPBACK_V4],
+        );
         core::ptr::write_volatile(&mut (*sa).user_port, u32::from(proxy_port.to_be()));
     }
     Ok(())

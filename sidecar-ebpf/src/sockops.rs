@@ -23,7 +23,7 @@ use aya_ebpf::{
 use sidecar_common::{SockAddr, AF_INET, AF_INET6};
 
 use crate::{
-    kernel::read_words,
+    kernel::{is_v4_mapped, read_words},
     maps::{ORIG_DST_BY_COOKIE, ORIG_DST_BY_PEER},
     observe,
 };
@@ -77,7 +77,8 @@ fn follow_state(ctx: &SockOpsContext) -> Result<(), Skip> {
     ctx.set_cb_flags(flags as i32).map_err(|_| Skip::Kernel)
 }
 
-/// The application socket's local address: family, address as stored, host-order port.
+/// The application socket's local address: family, address as stored, host-order port (an
+/// IPv4-mapped IPv6 address as the IPv4 address it stands for).
 #[inline(always)]
 fn local_addr(ctx: &SockOpsContext) -> Result<SockAddr, Skip> {
     let ops: *const bpf_sock_ops = ctx.ops;
@@ -90,7 +91,16 @@ fn local_addr(ctx: &SockOpsContext) -> Result<SockAddr, Skip> {
                 core::ptr::read_volatile(&(*ops).local_ip4),
                 port,
             )),
-            AF_INET6 => Ok(SockAddr::v6(read_words(&(*ops).local_ip6), port)),
+            AF_INET6 => {
+                let ip = read_words(&(*ops).local_ip6);
+                // A dual-stack socket on an IPv4 connection (a redirected IPv4-mapped
+                // connect): the proxy sees an IPv4 peer, so the key is IPv4 too.
+                if is_v4_mapped(ip) {
+                    Ok(SockAddr::v4(ip[3], port))
+                } else {
+                    Ok(SockAddr::v6(ip, port))
+                }
+            }
             _ => Err(Skip::NotOurs),
         }
     }

@@ -360,9 +360,15 @@ fn redirects_v4_and_v6_to_the_proxy_with_the_exact_original_destination() {
         app.ask("tcp4 198.18.0.77 9"),
         "ok proxy orig=198.18.0.77:9 len=16 fam=2"
     );
+    // A dual-stack IPv6 socket dialling an IPv4-mapped address (gRPC C-core, Java) is an IPv4
+    // connection: it reaches the proxy's IPv4 listener with the IPv4 destination recorded.
+    assert_eq!(
+        app.ask("tcp6 ::ffff:198.18.0.1 8080"),
+        "ok proxy orig=198.18.0.1:8080 len=16 fam=2"
+    );
     // While the connections are open, the peer map holds exactly them and the cookie map
     // holds none (entries move on ESTABLISHED).
-    assert_eq!(interception.orig_dst_entries().expect("map counts"), (0, 3));
+    assert_eq!(interception.orig_dst_entries().expect("map counts"), (0, 4));
     assert_eq!(app.ask("close"), "closed");
     drop(interception);
 }
@@ -447,10 +453,10 @@ fn does_not_redirect_loopback_mapped_udp_proxy_port_or_the_proxy_cgroup() {
         "ok real local=127.0.0.2:8080"
     );
     assert_eq!(app.ask("tcp6 ::1 8080"), "ok real local=[::1]:8080");
-    // IPv4-mapped IPv6 destinations are left alone (reach the real IPv4 server).
+    // The IPv4-mapped form of a loopback destination is loopback too.
     assert_eq!(
-        app.ask("tcp6 ::ffff:198.18.0.1 8080"),
-        "ok real local=198.18.0.1:8080"
+        app.ask("tcp6 ::ffff:127.0.0.1 8080"),
+        "ok real local=127.0.0.1:8080"
     );
     // UDP: a redirected datagram would be answered by the proxy's UDP socket.
     assert_eq!(app.ask("udp4 198.18.0.1 8080"), "ok real-udp");
