@@ -24,13 +24,13 @@ use crate::telemetry::{
 };
 
 /// Most header fields accepted in one head; more makes the connection opaque.
-const MAX_HEADERS: usize = 128;
+pub(crate) const MAX_HEADERS: usize = 128;
 /// Requests whose response has not yet started (bounds pipelining depth in flight).
 const QUEUE_DEPTH: usize = 64;
 
 /// Result of trying to parse a head from the bytes received so far.
 #[derive(Debug)]
-enum Parse<T> {
+pub(crate) enum Parse<T> {
     Complete(T),
     Partial,
     Invalid,
@@ -38,7 +38,7 @@ enum Parse<T> {
 
 /// How a message body is delimited (RFC 9112 §6).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Framing {
+pub(crate) enum Framing {
     None,
     Length(u64),
     Chunked,
@@ -47,37 +47,39 @@ enum Framing {
 
 /// A header line's position in the head.
 #[derive(Clone, Debug)]
-struct HeaderLoc {
+pub(crate) struct HeaderLoc {
     /// The whole line, name through line end.
-    line: Range<usize>,
+    pub(crate) line: Range<usize>,
     /// The value, without surrounding whitespace.
-    value: Range<usize>,
+    pub(crate) value: Range<usize>,
 }
 
 /// What the proxy needs from a request head, as positions in the receive buffer.
 #[derive(Debug)]
-struct RequestHead {
-    len: usize,
-    method: Range<usize>,
-    target: Range<usize>,
-    version: HttpVersion,
+pub(crate) struct RequestHead {
+    pub(crate) len: usize,
+    pub(crate) method: Range<usize>,
+    pub(crate) target: Range<usize>,
+    pub(crate) version: HttpVersion,
     host: Option<Range<usize>>,
-    traceparent: Vec<HeaderLoc>,
+    pub(crate) traceparent: Vec<HeaderLoc>,
     tracestate: Option<Range<usize>>,
     user_agent: Option<Range<usize>>,
-    framing: Framing,
+    pub(crate) framing: Framing,
     upgrade: bool,
+    /// The `Upgrade` header offers `h2c` (HTTP/2 cleartext, RFC 7540 §3.2).
+    upgrade_h2c: bool,
     /// Where a new header line goes: after the last header line.
-    insert_at: usize,
+    pub(crate) insert_at: usize,
 }
 
 /// What the proxy needs from a response head.
 #[derive(Debug)]
-struct ResponseHead {
-    len: usize,
-    code: u16,
+pub(crate) struct ResponseHead {
+    pub(crate) len: usize,
+    pub(crate) code: u16,
     /// Body framing if the response has a body; `None` when the length is invalid.
-    framing: Option<Framing>,
+    pub(crate) framing: Option<Framing>,
 }
 
 /// Position of `part` (a sub-slice of `base`) inside `base`.
@@ -162,7 +164,7 @@ impl LengthHeaders {
     }
 }
 
-fn parse_request_head(buf: &[u8]) -> Parse<RequestHead> {
+pub(crate) fn parse_request_head(buf: &[u8]) -> Parse<RequestHead> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let len = match req.parse(buf) {
@@ -195,6 +197,7 @@ fn request_head_positions(
     let mut tracestate = None;
     let mut user_agent = None;
     let mut upgrade = false;
+    let mut upgrade_h2c = false;
     let mut lengths = LengthHeaders::default();
     for h in req.headers.iter() {
         let name = offset_of(head, h.name.as_bytes())?;
@@ -215,6 +218,10 @@ fn request_head_positions(
             tracestate.get_or_insert(value);
         } else if h.name.eq_ignore_ascii_case("upgrade") {
             upgrade = true;
+            upgrade_h2c |= h
+                .value
+                .split(|b| *b == b',')
+                .any(|token| trim(token).eq_ignore_ascii_case(b"h2c"));
         } else if h.name.eq_ignore_ascii_case("user-agent") {
             user_agent.get_or_insert(value);
         }
@@ -247,11 +254,12 @@ fn request_head_positions(
         user_agent,
         framing,
         upgrade,
+        upgrade_h2c,
         insert_at,
     })
 }
 
-fn parse_response_head(buf: &[u8]) -> Parse<ResponseHead> {
+pub(crate) fn parse_response_head(buf: &[u8]) -> Parse<ResponseHead> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
     let mut config = httparse::ParserConfig::default();
@@ -297,7 +305,11 @@ fn is_header_value(v: &str) -> bool {
 /// The request head with its `traceparent` value set to `traceparent`: the first incoming
 /// header keeps its name and place, further ones are removed; if there was none, a line is
 /// added after the last header. Everything else is byte-for-byte the same.
-fn rewrite_head(head: &[u8], parsed: &RequestHead, traceparent: &str) -> Option<Vec<u8>> {
+pub(crate) fn rewrite_head(
+    head: &[u8],
+    parsed: &RequestHead,
+    traceparent: &str,
+) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(head.len() + traceparent.len() + 16);
     match parsed.traceparent.split_first() {
         Some((first, rest)) => {
@@ -363,6 +375,20 @@ impl Measured {
             Measured::Server(r) => telemetry.server_request_end(r, end),
         }
     }
+
+    /// The same call continued as stream 1 of an h2c upgrade (its response comes over HTTP/2).
+    fn into_http2(self) -> super::http2::Call {
+        match self {
+            Measured::Client(mut r) => {
+                r.set_version(HttpVersion::Http2);
+                super::http2::Call::Client(r)
+            }
+            Measured::Server(mut r) => {
+                r.set_version(HttpVersion::Http2);
+                super::http2::Call::Server(r)
+            }
+        }
+    }
 }
 
 /// Ends a request's span exactly once: explicitly when its response is complete, or when
@@ -414,14 +440,38 @@ impl Drop for RequestGuard<'_> {
     }
 }
 
+/// What follows an `Upgrade` or `CONNECT` request, as its response decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Switch {
+    /// The connection stays HTTP/1.
+    Stay,
+    /// The connection switched to something the proxy forwards opaquely.
+    Opaque,
+    /// The connection switched to HTTP/2 (`101` to `Upgrade: h2c`): both sides hand their
+    /// leftover bytes to the HTTP/2 driver.
+    H2c,
+}
+
 /// A request whose response the response side is waiting for.
 struct Pending<'a> {
     guard: RequestGuard<'a>,
     is_head: bool,
     is_connect: bool,
-    /// For `Upgrade` and `CONNECT` requests: tells the request side whether the connection
-    /// switched protocols (true) or stays HTTP/1 (false).
-    switch: Option<oneshot::Sender<bool>>,
+    /// The request offered `Upgrade: h2c`.
+    h2c: bool,
+    /// For `Upgrade` and `CONNECT` requests: tells the request side what follows.
+    switch: Option<oneshot::Sender<Switch>>,
+}
+
+/// What the two directions hand over when a connection upgrades to h2c.
+#[derive(Default)]
+struct H2cHandoff {
+    /// The upgrade request's call: stream 1, whose response comes over HTTP/2.
+    stream1: Option<Measured>,
+    /// Application bytes read after the upgrade request (the HTTP/2 preface onwards).
+    from_client: Option<BytesMut>,
+    /// Upstream bytes read after the `101` head (its SETTINGS onwards).
+    from_upstream: Option<BytesMut>,
 }
 
 /// How forwarding a body ended early.
@@ -508,12 +558,39 @@ pub(crate) struct Http1<'a> {
 
 impl<'a> Http1<'a> {
     /// Proxies the connection until both directions end; `initial` holds the bytes detection
-    /// read. Returns true when both directions ended cleanly.
+    /// read. A `101` answer to `Upgrade: h2c` hands the connection to the HTTP/2 driver, the
+    /// upgrade request becoming its stream 1. Returns true when both directions ended cleanly.
     pub(crate) async fn run(&self, initial: BytesMut, first_byte_at: SystemTime) -> bool {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-        forward::drive(
-            self.requests(initial, first_byte_at, tx),
-            self.responses(rx),
+        let handoff = std::sync::Mutex::new(H2cHandoff::default());
+        let clean = forward::drive(
+            self.requests(initial, first_byte_at, tx, &handoff),
+            self.responses(rx, &handoff),
+        )
+        .await;
+        let handoff = handoff.into_inner().unwrap_or_else(|p| p.into_inner());
+        let (Some(from_client), Some(from_upstream)) = (handoff.from_client, handoff.from_upstream)
+        else {
+            return clean;
+        };
+        self.shared.set_protocol(ConnectionProtocol::Http2);
+        let mut calls = std::collections::HashMap::new();
+        if let Some(m) = handoff.stream1 {
+            calls.insert(1, m.into_http2());
+        }
+        let h2 = super::http2::Http2 {
+            client: self.client,
+            upstream: self.upstream,
+            shared: self.shared,
+            telemetry: self.telemetry,
+            direction: self.direction,
+            peer: self.peer,
+        };
+        h2.run(
+            super::h2::H2Translator::after_upgrade(super::h2::Limits::default()),
+            from_client,
+            from_upstream,
+            calls,
         )
         .await
     }
@@ -550,6 +627,7 @@ impl<'a> Http1<'a> {
         mut buf: BytesMut,
         mut first_byte_at: SystemTime,
         tx: mpsc::Sender<Pending<'a>>,
+        handoff: &std::sync::Mutex<H2cHandoff>,
     ) -> DirEnd {
         let shared = self.shared;
         let sent = &shared.bytes_sent;
@@ -669,6 +747,7 @@ impl<'a> Http1<'a> {
                 },
                 is_head,
                 is_connect,
+                h2c: head.upgrade_h2c,
                 switch: switch_tx,
             };
             // Queued before the head is sent, so the response side always finds it.
@@ -714,9 +793,18 @@ impl<'a> Http1<'a> {
             if let Some(switch) = switch_rx {
                 // Nothing after an Upgrade/CONNECT request can be read as HTTP until the
                 // response says whether the protocol changed.
-                if !matches!(switch.await, Ok(false)) {
-                    drop(tx);
-                    return self.requests_opaque(&buf).await;
+                match switch.await {
+                    Ok(Switch::Stay) => {}
+                    Ok(Switch::H2c) => {
+                        drop(tx);
+                        let mut h = handoff.lock().unwrap_or_else(|p| p.into_inner());
+                        h.from_client = Some(std::mem::take(&mut buf));
+                        return DirEnd::Eof;
+                    }
+                    Ok(Switch::Opaque) | Err(_) => {
+                        drop(tx);
+                        return self.requests_opaque(&buf).await;
+                    }
                 }
             }
         }
@@ -741,7 +829,11 @@ impl<'a> Http1<'a> {
 
     /// Upstream → application: response heads and bodies, matched in order with the queued
     /// requests.
-    async fn responses(&self, mut rx: mpsc::Receiver<Pending<'a>>) -> DirEnd {
+    async fn responses(
+        &self,
+        mut rx: mpsc::Receiver<Pending<'a>>,
+        handoff: &std::sync::Mutex<H2cHandoff>,
+    ) -> DirEnd {
         let shared = self.shared;
         let received = &shared.bytes_received;
         let mut buf = BytesMut::new();
@@ -808,12 +900,22 @@ impl<'a> Http1<'a> {
                 }
                 buf.advance(head.len);
                 let code = head.code;
+                if code == 101 && p.h2c {
+                    if let Some(switch) = p.switch.take() {
+                        let mut h = handoff.lock().unwrap_or_else(|e| e.into_inner());
+                        h.stream1 = p.guard.req.take();
+                        h.from_upstream = Some(std::mem::take(&mut buf));
+                        drop(h);
+                        let _ = switch.send(Switch::H2c);
+                        return DirEnd::Eof;
+                    }
+                }
                 if code == 101 {
                     p.guard.status = Some(code);
                     p.guard.finish(None);
                     return match p.switch.take() {
                         Some(switch) => {
-                            let _ = switch.send(true);
+                            let _ = switch.send(Switch::Opaque);
                             self.responses_opaque(&buf).await
                         }
                         // 101 to a request that did not ask to upgrade: cannot be followed.
@@ -827,12 +929,12 @@ impl<'a> Http1<'a> {
                 if p.is_connect && (200..300).contains(&code) {
                     p.guard.finish(None);
                     if let Some(switch) = p.switch.take() {
-                        let _ = switch.send(true);
+                        let _ = switch.send(Switch::Opaque);
                     }
                     return self.responses_opaque(&buf).await;
                 }
                 if let Some(switch) = p.switch.take() {
-                    let _ = switch.send(false);
+                    let _ = switch.send(Switch::Stay);
                 }
                 if p.is_head || code == 204 || code == 304 {
                     break Framing::None;

@@ -1,9 +1,12 @@
 //! Protocol detection: decides from the application's first bytes whether a connection speaks
-//! HTTP/1.x (measured per request), TLS (forwarded opaquely, ClientHello facts recorded) or
-//! something else (forwarded opaquely), without ever losing a byte it read.
+//! HTTP/1.x (measured per request), HTTP/2 cleartext with prior knowledge (measured per stream),
+//! TLS (forwarded opaquely, ClientHello facts recorded) or something else (forwarded opaquely),
+//! without ever losing a byte it read.
 
 pub mod chunked;
+pub mod h2;
 pub mod http1;
+pub mod http2;
 pub mod tls;
 
 use std::time::{Duration, SystemTime};
@@ -85,8 +88,29 @@ pub struct Detection {
     pub tls: Option<tls::TlsInfo>,
 }
 
-/// Joint verdict of the HTTP/1 and TLS classifiers.
+/// The HTTP/2 client connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = h2::PREFACE;
+
+/// Verdict on whether the bytes start with the HTTP/2 connection preface: `Some(true)` when
+/// they do, `Some(false)` when they cannot, `None` while they are a proper prefix of it.
+fn h2_preface(buf: &[u8]) -> Option<bool> {
+    let n = buf.len().min(H2_PREFACE.len());
+    if buf.get(..n) != H2_PREFACE.get(..n) {
+        Some(false)
+    } else if n < H2_PREFACE.len() {
+        None
+    } else {
+        Some(true)
+    }
+}
+
+/// Joint verdict of the HTTP/2, HTTP/1 and TLS classifiers.
 fn decide(buf: &[u8]) -> Option<ConnectionProtocol> {
+    match h2_preface(buf) {
+        Some(true) => return Some(ConnectionProtocol::Http2),
+        None => return None,
+        Some(false) => {}
+    }
     match (classify(buf), tls::classify(buf)) {
         (Class::Http1, _) => Some(ConnectionProtocol::Http1),
         (_, tls::Class::Tls) => Some(ConnectionProtocol::Tls),
@@ -95,9 +119,23 @@ fn decide(buf: &[u8]) -> Option<ConnectionProtocol> {
     }
 }
 
+/// True if `head` (9 bytes peeked from the upstream) is the header of a non-ACK HTTP/2
+/// `SETTINGS` frame on stream 0, as an HTTP/2 server sends at once on accept (RFC 9113 §3.4):
+/// length a multiple of 6 up to 16 KiB, type 4, flags 0, stream id 0.
+fn is_h2_server_settings(head: &[u8]) -> bool {
+    let [l0, l1, l2, 4, 0, 0, 0, 0, 0] = head else {
+        return false;
+    };
+    let len = u32::from_be_bytes([0, *l0, *l1, *l2]);
+    len.is_multiple_of(6) && len <= 16 * 1024
+}
+
 /// Waits up to `timeout` for the application's first bytes while watching the upstream. If the
 /// upstream speaks (or closes) first, the application closes, or nothing decisive arrives in
-/// time or within `max_head_bytes`, the connection is opaque. Once a TLS ClientHello header is
+/// time or within `max_head_bytes`, the connection is opaque. One exception: an upstream that
+/// opens with an HTTP/2 `SETTINGS` frame (an HTTP/2 server does so without waiting for the
+/// client's preface) is not taken as speaking first; detection keeps waiting for the
+/// application (HTTP/2 clients send their preface at once). Once a TLS ClientHello header is
 /// seen, it keeps reading (same deadline, at most [`MAX_TLS_BUFFER`] bytes) until the whole
 /// ClientHello is there to read SNI and ALPN from; if it never is, the connection is still TLS,
 /// without those facts. A read error on the application socket is returned as is (the caller
@@ -111,7 +149,8 @@ pub async fn detect(
     let deadline = tokio::time::Instant::now() + timeout;
     let mut initial = BytesMut::new();
     let mut first_byte_at = None;
-    let mut peek = [0u8; 1];
+    let mut peek = [0u8; 9];
+    let mut upstream_is_h2 = false;
     let mut protocol = None;
     let mut tls_info = None;
     loop {
@@ -142,7 +181,14 @@ pub async fn detect(
                     }
                 }
             }
-            _ = upstream.peek(&mut peek) => break,
+            peeked = upstream.peek(&mut peek), if !upstream_is_h2 => {
+                match peeked {
+                    Ok(9) if is_h2_server_settings(&peek) && h2_preface(&initial) != Some(false) => {
+                        upstream_is_h2 = true;
+                    }
+                    _ => break,
+                }
+            }
             () = tokio::time::sleep_until(deadline) => break,
         }
     }
@@ -173,6 +219,37 @@ mod tests {
         for n in 0..b"OPTIONS * HTTP/1.".len() {
             assert_eq!(classify(&line[..n]), Class::NeedMore, "prefix {n}");
         }
+    }
+
+    #[test]
+    fn h2_preface_is_http2() {
+        assert_eq!(decide(H2_PREFACE), Some(ConnectionProtocol::Http2));
+        let mut more = H2_PREFACE.to_vec();
+        more.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        assert_eq!(decide(&more), Some(ConnectionProtocol::Http2));
+        for n in 0..H2_PREFACE.len() {
+            assert_eq!(decide(&H2_PREFACE[..n]), None, "prefix {n}");
+        }
+        // Same start, then not the preface: an HTTP/1-looking line that is not HTTP/1.
+        assert_eq!(
+            decide(b"PRI * HTTP/1.1\r\n"),
+            Some(ConnectionProtocol::Http1)
+        );
+        assert_eq!(
+            decide(b"PRI * HTTP/2.0\r\n\r\nXX"),
+            Some(ConnectionProtocol::Opaque)
+        );
+    }
+
+    #[test]
+    fn h2_server_settings_headers() {
+        assert!(is_h2_server_settings(&[0, 0, 0, 4, 0, 0, 0, 0, 0]));
+        assert!(is_h2_server_settings(&[0, 0, 18, 4, 0, 0, 0, 0, 0]));
+        assert!(!is_h2_server_settings(&[0, 0, 18, 4, 1, 0, 0, 0, 0])); // ACK
+        assert!(!is_h2_server_settings(&[0, 0, 17, 4, 0, 0, 0, 0, 0])); // not 6n
+        assert!(!is_h2_server_settings(&[0, 0, 6, 4, 0, 0, 0, 0, 1])); // stream 1
+        assert!(!is_h2_server_settings(b"220 smtp."));
+        assert!(!is_h2_server_settings(&[0, 0, 0, 4]));
     }
 
     #[test]

@@ -50,6 +50,7 @@ impl ConnShared {
             ErrorType::Timeout => 3,
             ErrorType::IncompleteResponse => 4,
             ErrorType::Io => 5,
+            ErrorType::StreamReset => 6,
         };
         let _ = self
             .error
@@ -64,6 +65,7 @@ impl ConnShared {
             3 => Some(ErrorType::Timeout),
             4 => Some(ErrorType::IncompleteResponse),
             5 => Some(ErrorType::Io),
+            6 => Some(ErrorType::StreamReset),
             _ => None,
         }
     }
@@ -73,6 +75,7 @@ impl ConnShared {
             ConnectionProtocol::Opaque => 0,
             ConnectionProtocol::Http1 => 1,
             ConnectionProtocol::Tls => 2,
+            ConnectionProtocol::Http2 => 3,
         };
         self.protocol.store(code, Ordering::Relaxed);
     }
@@ -81,6 +84,7 @@ impl ConnShared {
         match self.protocol.load(Ordering::Relaxed) {
             1 => ConnectionProtocol::Http1,
             2 => ConnectionProtocol::Tls,
+            3 => ConnectionProtocol::Http2,
             _ => ConnectionProtocol::Opaque,
         }
     }

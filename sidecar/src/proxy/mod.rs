@@ -27,6 +27,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use orig_dst::{LocalAddrDst, MockOrigDst, OriginalDst, SoOriginalDst};
 
+use crate::protocol::h2::{H2Translator, Limits};
+use crate::protocol::http2::Http2;
 use crate::protocol::tls::TlsInfo;
 use crate::protocol::{self, http1::Http1};
 use crate::telemetry::{
@@ -562,6 +564,23 @@ async fn handle_connection(
                         peer,
                     };
                     http.run(detection.initial, detection.first_byte_at).await
+                }
+                ConnectionProtocol::Http2 => {
+                    let http = Http2 {
+                        client,
+                        upstream,
+                        shared: &conn,
+                        telemetry: &shared.telemetry,
+                        direction,
+                        peer,
+                    };
+                    http.run(
+                        H2Translator::new(Limits::default()),
+                        detection.initial,
+                        bytes::BytesMut::new(),
+                        std::collections::HashMap::new(),
+                    )
+                    .await
                 }
             }
         }

@@ -22,6 +22,7 @@ use crate::protocol::tls::TlsInfo;
 
 mod pipeline;
 pub mod route;
+pub mod rpc;
 pub mod sampling;
 pub mod semconv;
 mod server;
@@ -33,6 +34,7 @@ mod tests;
 pub mod url;
 
 pub use pipeline::{init, TelemetryConfig, TelemetryError, TelemetryGuard};
+pub use rpc::{GrpcStatus, RpcCall, RpcCallEnd};
 pub use sampling::{SamplerKind, SamplingConfig};
 pub use server::{ServerRequest, ServerRequestInfo};
 pub use tcp::{TcpDirection, TcpObservation, TcpOutcome};
@@ -46,6 +48,8 @@ pub enum HttpVersion {
     Http10,
     /// HTTP/1.1 (`"1.1"`).
     Http11,
+    /// HTTP/2 (`"2"`), one exchange per stream.
+    Http2,
 }
 
 /// What the proxy knows about one outbound HTTP request once its head has been read.
@@ -84,6 +88,9 @@ pub enum ErrorType {
     IncompleteResponse,
     /// Any other I/O error.
     Io,
+    /// An HTTP/2 stream was reset (`RST_STREAM`) or refused (`GOAWAY`) before its response
+    /// was complete.
+    StreamReset,
 }
 
 /// How an outbound HTTP request ended.
@@ -111,6 +118,8 @@ pub enum ConnectionProtocol {
     /// Starts with a TLS ClientHello: forwarded opaquely (never terminated), SNI and ALPN
     /// recorded.
     Tls,
+    /// HTTP/2 cleartext (prior knowledge, or upgraded from HTTP/1.1): measured per stream.
+    Http2,
 }
 
 /// Which way a proxied connection goes, as `sidecar.direction` spells it.
@@ -190,6 +199,12 @@ impl ClientRequest {
         if let Some(span) = self.span.as_mut() {
             set_tcp_info_attributes(span, rtt, retransmits);
         }
+    }
+
+    /// The exchange continues over another protocol version (an `Upgrade: h2c` request whose
+    /// response comes over HTTP/2): `network.protocol.version` is recorded as `version`.
+    pub fn set_version(&mut self, version: HttpVersion) {
+        self.version = sc::protocol_version(version);
     }
 }
 
@@ -286,6 +301,7 @@ struct Inner {
     connection_duration: Histogram<f64>,
     connection_io: Counter<u64>,
     server: server::ServerInstruments,
+    rpc: rpc::RpcInstruments,
     tcp: tcp::TcpInstruments,
     summary: Arc<Summary>,
 }
@@ -412,6 +428,7 @@ impl Telemetry {
                 connection_duration,
                 connection_io,
                 server,
+                rpc: rpc::RpcInstruments::new(&meter),
                 tcp: tcp::TcpInstruments::new(&meter),
                 summary,
             }),
@@ -466,7 +483,6 @@ impl Telemetry {
             sc::NETWORK_PEER_PORT,
             i64::from(req.destination.port()),
         ));
-        span_attrs.push(KeyValue::new(sc::NETWORK_PROTOCOL_VERSION, version));
         let span = inner
             .tracer
             .span_builder(known.unwrap_or("HTTP"))
@@ -514,7 +530,7 @@ impl Telemetry {
         inner.request_body.record(end.request_body_bytes, &attrs);
         inner.response_body.record(end.response_body_bytes, &attrs);
 
-        finish_span(req.span.take(), &end, error);
+        finish_span(req.span.take(), &end, error, req.version);
 
         inner.summary.record_request(
             &req.server_address,
@@ -594,15 +610,18 @@ impl Telemetry {
     }
 }
 
-/// Sets the end-of-exchange attributes and status on a request span (CLIENT or SERVER) and ends
+/// Sets the end-of-exchange attributes (`network.protocol.version` among them, since an HTTP/1.1
+/// request upgraded to h2c gets its response over HTTP/2) and status on a request span (CLIENT or SERVER) and ends
 /// it at `end.end`.
 fn finish_span(
     span: Option<opentelemetry_sdk::trace::Span>,
     end: &HttpRequestEnd,
     error: Option<sc::ErrorKind>,
+    version: &'static str,
 ) {
     let Some(mut span) = span else { return };
     if span.is_recording() {
+        span.set_attribute(KeyValue::new(sc::NETWORK_PROTOCOL_VERSION, version));
         if let Some(status) = end.status {
             span.set_attribute(KeyValue::new(
                 sc::HTTP_RESPONSE_STATUS_CODE,

@@ -60,6 +60,19 @@ pub const SIDECAR_CONNECTION_RTT: &str = "sidecar.connection.rtt";
 /// `sidecar.connection.retransmits` (project-specific span attribute: `TCP_INFO` total retransmits).
 pub const SIDECAR_CONNECTION_RETRANSMITS: &str = "sidecar.connection.retransmits";
 
+/// `rpc.system.name` (`grpc` for gRPC calls).
+pub const RPC_SYSTEM_NAME: &str = "rpc.system.name";
+/// `rpc.method` (fully-qualified method, `package.Service/Method`).
+pub const RPC_METHOD: &str = "rpc.method";
+/// `rpc.method_original` (the method as sent, when `rpc.method` is `_OTHER`).
+pub const RPC_METHOD_ORIGINAL: &str = "rpc.method_original";
+/// `rpc.response.status_code` (gRPC: the status code name, `OK`, `NOT_FOUND`, ...).
+pub const RPC_RESPONSE_STATUS_CODE: &str = "rpc.response.status_code";
+/// `rpc.client.call.duration` histogram (s).
+pub const METRIC_RPC_CLIENT_DURATION: &str = "rpc.client.call.duration";
+/// `rpc.server.call.duration` histogram (s).
+pub const METRIC_RPC_SERVER_DURATION: &str = "rpc.server.call.duration";
+
 /// `http.client.request.duration` histogram (s).
 pub const METRIC_CLIENT_DURATION: &str = "http.client.request.duration";
 /// `http.client.request.body.size` histogram (By).
@@ -100,6 +113,7 @@ pub fn protocol_version(v: HttpVersion) -> &'static str {
     match v {
         HttpVersion::Http10 => "1.0",
         HttpVersion::Http11 => "1.1",
+        HttpVersion::Http2 => "2",
     }
 }
 
@@ -111,6 +125,7 @@ pub fn error_type_str(e: ErrorType) -> &'static str {
         ErrorType::Timeout => "timeout",
         ErrorType::IncompleteResponse => "incomplete_response",
         ErrorType::Io => "io",
+        ErrorType::StreamReset => "stream_reset",
     }
 }
 
@@ -120,6 +135,7 @@ pub fn connection_protocol_str(p: ConnectionProtocol) -> &'static str {
         ConnectionProtocol::Http1 => "http1",
         ConnectionProtocol::Opaque => "opaque",
         ConnectionProtocol::Tls => "tls",
+        ConnectionProtocol::Http2 => "http2",
     }
 }
 

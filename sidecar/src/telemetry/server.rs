@@ -102,6 +102,12 @@ impl ServerRequest {
             set_tcp_info_attributes(span, rtt, retransmits);
         }
     }
+
+    /// The exchange continues over another protocol version (`Upgrade: h2c`): see
+    /// [`super::ClientRequest::set_version`].
+    pub fn set_version(&mut self, version: super::HttpVersion) {
+        self.version = sc::protocol_version(version);
+    }
 }
 
 impl Drop for ServerRequest {
@@ -197,7 +203,6 @@ impl Telemetry {
         span_attrs.push(KeyValue::new(sc::CLIENT_PORT, client_port));
         span_attrs.push(KeyValue::new(sc::NETWORK_PEER_ADDRESS, client_ip));
         span_attrs.push(KeyValue::new(sc::NETWORK_PEER_PORT, client_port));
-        span_attrs.push(KeyValue::new(sc::NETWORK_PROTOCOL_VERSION, version));
         if let Some(ua) = info.user_agent {
             span_attrs.push(KeyValue::new(sc::USER_AGENT_ORIGINAL, ua.to_owned()));
         }
@@ -261,7 +266,7 @@ impl Telemetry {
             .response_body
             .record(end.response_body_bytes, &attrs);
 
-        finish_span(req.span.take(), &end, error);
+        finish_span(req.span.take(), &end, error, req.version);
     }
 }
 
