@@ -1,5 +1,6 @@
 """Shared helpers for the test peers (Python 3 standard library only)."""
 
+import argparse
 import hashlib
 import json
 import socket
@@ -62,3 +63,15 @@ class JsonLog:
 
 def announce_ready(port):
     print(f"READY {port}", flush=True)
+
+
+def serve_client_parser(doc):
+    """An argument parser with the modes of a peer script (`dest="mode"`, one required) and
+    its `serve --port P --log FILE` mode; returns (parser, subparsers, serve parser)."""
+    ap = argparse.ArgumentParser(description=doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="mode", required=True)
+    s = sub.add_parser("serve")
+    s.add_argument("--port", type=int, required=True)
+    s.add_argument("--log", required=True)
+    return ap, sub, s

@@ -5,6 +5,7 @@
 pub mod cgroup;
 pub mod cmd;
 pub mod error;
+pub mod h2peers;
 pub mod impair;
 pub mod netns;
 pub mod otlp;
@@ -15,6 +16,7 @@ pub mod sidecar;
 pub mod ss;
 pub mod tempdir;
 pub mod traceparent;
+pub mod venv;
 pub mod world;
 
 pub use cgroup::Cgroup;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use crate::cgroup::Cgroup;
 use crate::cmd::{run_timeout, Finished};
 use crate::error::{Error, IoContext, Result};
+use crate::h2peers::{self, GrpcServer, WsServer};
 use crate::impair::{Impairment, LinkImpairment};
 use crate::netns::{unique_name, veth_pair, Netns};
 use crate::otlp::OtlpReceiver;
@@ -391,6 +392,59 @@ impl PodWorld {
                 &payload,
             ],
             Duration::from_secs(15),
+        )
+    }
+}
+
+impl PodWorld {
+    /// Runs a peer script of `tests/peers` with the virtualenv's Python ([`h2peers::venv_command`]) as
+    /// the app (pod namespace, `app` cgroup), killed after `timeout`.
+    pub fn run_app_venv(&self, script: &str, args: &[&str], timeout: Duration) -> Result<Finished> {
+        let mut cmd = h2peers::venv_command(&self.pod, Some(&self.app_cgroup), script, args);
+        run_timeout(&mut cmd, timeout)
+    }
+
+    /// Runs a peer script with the virtualenv's Python in svc (a remote client of the pod).
+    pub fn run_svc_venv(&self, script: &str, args: &[&str], timeout: Duration) -> Result<Finished> {
+        run_timeout(
+            &mut h2peers::venv_command(&self.svc, None, script, args),
+            timeout,
+        )
+    }
+
+    /// Starts the grpcio server (`peers/grpc_peer.py serve`) in svc on `port`.
+    pub fn start_grpc_server(&self, name: &str, port: u16) -> Result<GrpcServer> {
+        GrpcServer::start(
+            name,
+            &self.svc,
+            None,
+            port,
+            SocketAddr::new(IpAddr::V4(SVC_V4), port),
+            self.dir.path(),
+        )
+    }
+
+    /// Starts the grpcio server as the pod's application: pod namespace, `app` cgroup,
+    /// `[::]:port`; ready once `127.0.0.1:port` accepts inside the pod.
+    pub fn start_app_grpc_server(&self, name: &str, port: u16) -> Result<GrpcServer> {
+        GrpcServer::start(
+            name,
+            &self.pod,
+            Some(&self.app_cgroup),
+            port,
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+            self.dir.path(),
+        )
+    }
+
+    /// Starts the websocket echo server (`peers/ws_peer.py serve`) in svc on `port`.
+    pub fn start_ws_server(&self, name: &str, port: u16) -> Result<WsServer> {
+        WsServer::start(
+            name,
+            &self.svc,
+            port,
+            SocketAddr::new(IpAddr::V4(SVC_V4), port),
+            self.dir.path(),
         )
     }
 }
