@@ -5,6 +5,8 @@ pub mod cli;
 pub mod discover;
 pub mod ebpf;
 pub mod export;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod kernel;
 pub mod policy;
 pub mod protocol;

@@ -2,6 +2,7 @@
 
 mod build;
 mod demo;
+mod fuzz;
 mod setup;
 mod test;
 mod util;
@@ -25,6 +26,8 @@ enum Command {
     Build,
     /// Set up, build, and run a throwaway pod with the sidecar for a bounded time.
     Demo(demo::DemoArgs),
+    /// Build the cargo-fuzz targets (fuzz/) and run each for a bounded time; fails on a crash.
+    Fuzz(fuzz::FuzzArgs),
     /// Set up, check formatting and clippy, run unit and privileged end-to-end tests.
     Test(test::TestArgs),
 }
@@ -36,6 +39,7 @@ fn main() -> std::process::ExitCode {
         Command::BuildEbpf => build::ebpf(),
         Command::Build => setup::run().and_then(|()| build::all()),
         Command::Demo(args) => demo::run(&args),
+        Command::Fuzz(args) => fuzz::run(&args),
         Command::Test(args) => test::run(&args),
     };
     match result {

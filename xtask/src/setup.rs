@@ -1,6 +1,6 @@
 //! `cargo xtask setup`: installs, idempotently, everything the build and the tests need:
 //! Debian's compiler and library sources, the matching LLVM, bpf-linker built against it, the
-//! linked rustup toolchain, and the test peers.
+//! linked rustup toolchain, cargo-fuzz and its C++ compiler, and the test peers.
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -10,11 +10,15 @@ use crate::util::{self, sh};
 
 /// bpf-linker release known to work with the pinned aya set.
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// cargo-fuzz release installed when none is (`cargo xtask fuzz`, the fuzz smoke test).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// Name of the rustup toolchain linked to Debian's compiler in /usr.
 pub const BPF_TOOLCHAIN: &str = "system-bpf";
 
 /// Debian packages of the eBPF compiler (rustc + library sources + cargo, same release).
 const COMPILER_PACKAGES: &[&str] = &["rustc-web", "rust-web-src", "cargo-web"];
+/// C++ compiler for libFuzzer, which the fuzz targets build from source (`cc` crate).
+const FUZZ_PACKAGES: &[&str] = &["g++"];
 /// Packages for the tests and the demo: clients, servers, namespace and BPF inspection tools.
 const PEER_PACKAGES: &[&str] = &[
     "curl",
@@ -25,6 +29,11 @@ const PEER_PACKAGES: &[&str] = &[
     "openssl",
     "python3-venv",
     "procps",
+    // HTTP/2 peers: h2load and nghttp (client), nghttpd (server), nghttpx (the HTTP/1.1
+    // `Upgrade: h2c` server, which nghttpd lacks).
+    "nghttp2-client",
+    "nghttp2-server",
+    "nghttp2-proxy",
 ];
 
 /// Runs every set-up step; each one skips what is already present.
@@ -48,9 +57,11 @@ pub fn run() -> Result<()> {
     let llvm_dev = format!("llvm-{major}-dev");
     let mut packages: Vec<&str> = vec![&llvm_dev, "libzstd-dev", "zlib1g-dev"];
     packages.extend_from_slice(PEER_PACKAGES);
+    packages.extend_from_slice(FUZZ_PACKAGES);
     apt.ensure(&packages)?;
     ensure_bpf_linker(major)?;
     ensure_toolchain_link()?;
+    ensure_cargo_fuzz()?;
     ensure_python_venv()?;
     eprintln!("setup: toolchain and test peers ready (LLVM {major})");
     Ok(())
@@ -147,6 +158,20 @@ fn ensure_bpf_linker(major: u32) -> Result<()> {
     .context("building bpf-linker failed")
 }
 
+/// Installs cargo-fuzz unless a `cargo fuzz` already runs. Needs no root.
+pub fn ensure_cargo_fuzz() -> Result<()> {
+    if util::output(util::cargo().args(["fuzz", "--version"])).is_some() {
+        return Ok(());
+    }
+    eprintln!("setup: installing cargo-fuzz {CARGO_FUZZ_VERSION} (about a minute)");
+    sh(util::cargo().args([
+        "install",
+        "--locked",
+        &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
+    ]))
+    .context("installing cargo-fuzz failed: is crates.io reachable?")
+}
+
 fn ensure_toolchain_link() -> Result<()> {
     let list = util::output(Command::new("rustup").args(["toolchain", "list"]))
         .context("rustup is needed to link Debian's compiler as a toolchain")?;
@@ -159,21 +184,44 @@ fn ensure_toolchain_link() -> Result<()> {
     sh(Command::new("rustup").args(["toolchain", "link", BPF_TOOLCHAIN, "/usr"]))
 }
 
-/// Project-local virtualenv for the Python test peers listed in tests/peers/requirements.txt.
+/// The interpreter of the peers' virtualenv (`<workspace>/.venv`); `cargo xtask test` passes
+/// it to the end-to-end tests as `SIDECAR_TESTS_PYTHON`.
+pub fn venv_python() -> PathBuf {
+    util::workspace_root().join(".venv/bin/python3")
+}
+
+/// Modules the peers import from the virtualenv (what tests/peers/requirements.txt provides).
+const VENV_IMPORTS: &str = "import grpc, websockets";
+
+/// Project-local virtualenv for the Python test peers listed in tests/peers/requirements.txt,
+/// made with the `python3` first on PATH. Recreated when its interpreter no longer runs (e.g.
+/// that Python was upgraded or removed); packages reinstalled when requirements.txt changed or
+/// they do not import.
 fn ensure_python_venv() -> Result<()> {
     let root = util::workspace_root();
     let requirements = root.join("tests/peers/requirements.txt");
     if !requirements.exists() {
-        return Ok(());
+        bail!("{} is missing", requirements.display());
     }
     let venv = root.join(".venv");
-    let python = venv.join("bin/python3");
-    if !python.exists() {
-        sh(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    let python = venv_python();
+    let runs = util::output(Command::new(&python).args(["-c", "import sys"])).is_some();
+    if !runs {
+        let base = which("python3").context("python3 is not in PATH")?;
+        eprintln!(
+            "setup: creating the peers' virtualenv {} with {}",
+            venv.display(),
+            base.display()
+        );
+        sh(Command::new(&base)
+            .args(["-m", "venv", "--clear"])
+            .arg(&venv))
+        .context("cannot create the virtualenv (on Debian the python3-venv package provides it)")?;
     }
     let wanted = std::fs::read_to_string(&requirements)?;
     let stamp = venv.join(".requirements.installed");
-    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) {
+    let imports = || util::output(Command::new(&python).args(["-c", VENV_IMPORTS])).is_some();
+    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) && imports() {
         return Ok(());
     }
     sh(Command::new(&python)
@@ -185,7 +233,15 @@ fn ensure_python_venv() -> Result<()> {
             "--disable-pip-version-check",
             "-r",
         ])
-        .arg(&requirements))?;
+        .arg(&requirements))
+    .context("cannot install the peers' Python packages: is PyPI reachable?")?;
+    if !imports() {
+        bail!(
+            "`{} -c '{VENV_IMPORTS}'` fails after installing {}",
+            python.display(),
+            requirements.display()
+        );
+    }
     std::fs::write(&stamp, wanted)?;
     Ok(())
 }

@@ -1,8 +1,10 @@
-//! `cargo xtask test`: set-up, formatting, clippy, unit tests, privileged end-to-end tests.
+//! `cargo xtask test`: set-up, formatting, clippy, unit tests, a bounded fuzz run, privileged
+//! end-to-end tests.
 
 use anyhow::{Context, Result};
 
 use crate::build;
+use crate::fuzz;
 use crate::setup;
 use crate::util::{self, sh};
 
@@ -15,7 +17,9 @@ pub fn run_all() -> Result<()> {
     let started = std::time::Instant::now();
     setup::run()?;
     step("formatting", || {
-        sh(util::cargo().args(["fmt", "--all", "--", "--check"]))
+        sh(util::cargo().args(["fmt", "--all", "--", "--check"]))?;
+        // The fuzz crate is a workspace of its own.
+        sh(util::cargo().args(["fmt", "--manifest-path", "fuzz/Cargo.toml", "--", "--check"]))
     })?;
     step("build (eBPF object + release agent)", build::all)?;
     let obj = build::ebpf_object();
@@ -41,10 +45,15 @@ pub fn run_all() -> Result<()> {
             "xtask",
         ]))
     })?;
+    step("fuzz smoke (bounded)", || {
+        fuzz::run_plan(&fuzz::Plan::all(fuzz::SMOKE_SECONDS, fuzz::SMOKE_SANITIZER))
+    })?;
     step("end-to-end tests (root, network namespaces, eBPF)", || {
         sh(util::cargo()
             .env("SIDECAR_EBPF_OBJECT", &obj)
             .env("SIDECAR_BIN", build::sidecar_binary())
+            // The peers' virtualenv (grpcio, websockets) made by the set-up step above.
+            .env("SIDECAR_TESTS_PYTHON", setup::venv_python())
             .args([
                 "test",
                 "--release",
