@@ -71,6 +71,9 @@ def respond(method, target, version, headers, body_sha):
     extra = [("Connection", "close")] if close else []
     if target.startswith("/upgrade"):
         return response(101, [("Upgrade", "websocket"), ("Connection", "Upgrade")]), False
+    if method == "CONNECT":
+        # A tunnel: 200 without a body, then the bytes are echoed (see handle).
+        return response(200, []), False
     if target.startswith("/chunked"):
         head = response(200, [("Transfer-Encoding", "chunked"), ("Trailer", "X-Digest")])
         body = b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nX-Digest: " + body_sha.encode()
@@ -119,7 +122,7 @@ def handle(conn, log, conn_id):
                        "body_len": len(body), "body_sha256": body_sha})
             out, close = respond(method, target, version, headers, body_sha)
             conn.sendall(out)
-            if target.startswith("/upgrade"):
+            if target.startswith("/upgrade") or method == "CONNECT":
                 while True:
                     data = f.read1(65536)
                     if not data:

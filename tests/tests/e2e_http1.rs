@@ -472,6 +472,49 @@ async fn upgrade_switches_to_an_opaque_byte_stream() {
     );
 }
 
+/// `CONNECT` answered with 200: the tunnel's bytes (TLS-looking and HTTP-looking alike) go both
+/// ways byte-identical and unparsed, and the `CONNECT` itself is one span with status 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_tunnels_after_2xx_and_is_measured() {
+    let t = setup("h1-connect");
+    let rid = id("connect").to_ascii_lowercase();
+    let authority = format!("{rid}.tunnel.test:443");
+    let req = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
+    let established = "HTTP/1.1 200 OK\r\n\r\n";
+    let mut tunnel = vec![0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3, 4, 5];
+    tunnel.extend_from_slice(b"GET /not-a-request HTTP/1.1\r\nHost: x\r\n\r\n");
+    tunnel.extend(peers::pattern(40_000, b"tunnel"));
+    let got = t.client(
+        RAW_PORT,
+        &[
+            Step::Send(req.into_bytes()),
+            Step::Recv(established.len()),
+            Step::Send(tunnel.clone()),
+            Step::Shut,
+            Step::Eof,
+        ],
+    );
+    assert_eq!(text(&got[..established.len().min(got.len())]), established);
+    assert_eq!(got.len(), established.len() + tunnel.len(), "echoed length");
+    assert!(
+        got[established.len()..] == tunnel[..],
+        "tunnel bytes differ"
+    );
+    assert_eq!(t.requests_for("not-a-request").len(), 0);
+    let logged = t.one(&rid);
+    assert_eq!(logged.method, "CONNECT");
+    let host = format!("{rid}.tunnel.test");
+    let spans =
+        t.rx.wait_for_spans(TELEMETRY, 1, |s| {
+            s.is_client() && s.attributes.str("server.address") == Some(host.as_str())
+        })
+        .await
+        .unwrap_or_else(|| panic!("no CONNECT span: {:#?}", t.rx.spans()));
+    assert_eq!(spans.len(), 1, "{spans:#?}");
+    assert_eq!(spans[0].name, "CONNECT", "{spans:#?}");
+    assert_eq!(status_of(&spans[0]), Some(200), "{spans:#?}");
+}
+
 /// Garbage that starts like a request head is forwarded byte-exact (the echo peer returns it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_request_head_is_forwarded_byte_exact() {
