@@ -38,27 +38,6 @@ pub fn script_args(script: &str, args: &[&str]) -> Vec<String> {
     out
 }
 
-fn read_json_lines<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => {
-            return Err(Error::Io {
-                what: format!("reading {}", path.display()),
-                source: e,
-            })
-        }
-    };
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            serde_json::from_str(l).map_err(|e| {
-                Error::Unexpected(format!("bad log line in {}: {e}: {l}", path.display()))
-            })
-        })
-        .collect()
-}
-
 /// The virtualenv's Python running a peer script ([`script_args`]) in `netns` (and `cgroup`).
 pub fn venv_command(
     netns: &Netns,
@@ -139,7 +118,7 @@ impl<R: serde::de::DeserializeOwned> JsonLogServer<R> {
     }
 
     fn records(&self) -> Result<Vec<R>> {
-        read_json_lines(&self.log)
+        crate::peers::read_json_lines(&self.log)
     }
 
     /// The listening port.

@@ -57,7 +57,9 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(sha256_hex(&data))
 }
 
-fn read_json_lines<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+/// The JSON-lines log a peer writes, one value per line (empty when the file does not exist
+/// yet).
+pub(crate) fn read_json_lines<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
     let text = match fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),

@@ -11,13 +11,14 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
 use std::time::SystemTime;
 
 use bytes::BytesMut;
 use tokio::net::TcpStream;
 
-use super::h2::{H2Translator, RequestHead, StreamEnd, StreamOutcome};
+use super::h2::{H2Error, H2Translator, RequestHead, StreamEnd, StreamOutcome};
 use crate::proxy::forward::{self, read_into, shutdown_write, write_counted, ConnShared, DirEnd};
 use crate::proxy::sockopt;
 use crate::telemetry::rpc::is_grpc_content_type;
@@ -112,7 +113,7 @@ impl Http2<'_> {
         let mut st = lock(&state);
         let mut ends = Vec::new();
         st.translator.close(&mut ends);
-        self.finish(&mut st.calls, ends);
+        self.finish(&mut st.calls, &mut ends);
         // Streams the translator stopped tracking (it gave up on a direction): still ended.
         let error = self.shared.error().unwrap_or(ErrorType::IncompleteResponse);
         for (_, call) in st.calls.drain() {
@@ -164,8 +165,8 @@ impl Http2<'_> {
     }
 
     /// Ends the calls of finished streams.
-    fn finish(&self, calls: &mut HashMap<u32, Call>, ends: Vec<StreamEnd>) {
-        for end in ends {
+    fn finish(&self, calls: &mut HashMap<u32, Call>, ends: &mut Vec<StreamEnd>) {
+        for end in ends.drain(..) {
             let Some(mut call) = calls.remove(&end.stream_id) else {
                 continue;
             };
@@ -194,66 +195,65 @@ impl Http2<'_> {
     }
 
     /// Application → upstream: every header block re-encoded with `traceparent` set.
-    async fn requests(&self, state: &Mutex<State>, mut buf: BytesMut) -> DirEnd {
-        let shared = self.shared;
-        let mut out = BytesMut::new();
-        let mut ends = Vec::new();
-        loop {
-            if !buf.is_empty() {
-                let result = {
-                    let mut st = lock(state);
-                    let State { translator, calls } = &mut *st;
-                    let result = translator.from_client(
-                        &mut buf,
-                        &mut out,
-                        &mut |head| self.start(calls, head),
-                        &mut ends,
-                    );
-                    self.finish(calls, std::mem::take(&mut ends));
-                    result
-                };
-                if !out.is_empty() {
-                    if let Err(e) = write_counted(self.upstream, &out, &shared.bytes_sent).await {
-                        return DirEnd::write_failed(shared, e);
-                    }
-                    out.clear();
-                }
-                if let Err(e) = result {
-                    tracing::debug!(
-                        destination = %shared.destination,
-                        error = %e,
-                        "HTTP/2 from the application not followed; forwarding the rest as it is"
-                    );
-                    return forward::pump(
-                        self.client,
-                        self.upstream,
-                        &buf,
-                        &shared.bytes_sent,
-                        shared,
-                    )
-                    .await;
-                }
-            }
-            match read_into(self.client, &mut buf).await {
-                Ok(0) => {
-                    if !buf.is_empty() {
-                        // A partial frame at the end: passed on as it is.
-                        if let Err(e) = write_counted(self.upstream, &buf, &shared.bytes_sent).await
-                        {
-                            return DirEnd::write_failed(shared, e);
-                        }
-                    }
-                    shutdown_write(self.upstream);
-                    return DirEnd::Eof;
-                }
-                Ok(_) => {}
-                Err(e) => return DirEnd::read_failed(shared, e),
-            }
-        }
+    async fn requests(&self, state: &Mutex<State>, buf: BytesMut) -> DirEnd {
+        let step = |st: &mut State,
+                    input: &mut BytesMut,
+                    out: &mut BytesMut,
+                    ends: &mut Vec<StreamEnd>| {
+            let State { translator, calls } = st;
+            translator.from_client(input, out, &mut |head| self.start(calls, head), ends)
+        };
+        self.follow(
+            state,
+            buf,
+            self.client,
+            self.upstream,
+            &self.shared.bytes_sent,
+            step,
+            "application",
+        )
+        .await
     }
 
     /// Upstream → application: forwarded unchanged, decoded on the way.
-    async fn responses(&self, state: &Mutex<State>, mut buf: BytesMut) -> DirEnd {
+    async fn responses(&self, state: &Mutex<State>, buf: BytesMut) -> DirEnd {
+        let step = |st: &mut State,
+                    input: &mut BytesMut,
+                    out: &mut BytesMut,
+                    ends: &mut Vec<StreamEnd>| {
+            st.translator.from_upstream(input, out, ends)
+        };
+        self.follow(
+            state,
+            buf,
+            self.upstream,
+            self.client,
+            &self.shared.bytes_received,
+            step,
+            "upstream",
+        )
+        .await
+    }
+
+    /// One direction: reads `src`, lets `step` translate what arrived (ending the calls of the
+    /// streams it finishes), writes the result to `dst`. After a translation error the rest is
+    /// forwarded as it is; a partial frame at the end of the stream is passed on as well.
+    #[allow(clippy::too_many_arguments)]
+    async fn follow(
+        &self,
+        state: &Mutex<State>,
+        mut buf: BytesMut,
+        src: &TcpStream,
+        dst: &TcpStream,
+        counter: &AtomicU64,
+        step: impl Fn(
+            &mut State,
+            &mut BytesMut,
+            &mut BytesMut,
+            &mut Vec<StreamEnd>,
+        ) -> Result<(), H2Error>,
+        from: &'static str,
+    ) -> DirEnd {
         let shared = self.shared;
         let mut out = BytesMut::new();
         let mut ends = Vec::new();
@@ -261,13 +261,12 @@ impl Http2<'_> {
             if !buf.is_empty() {
                 let result = {
                     let mut st = lock(state);
-                    let State { translator, calls } = &mut *st;
-                    let result = translator.from_upstream(&mut buf, &mut out, &mut ends);
-                    self.finish(calls, std::mem::take(&mut ends));
+                    let result = step(&mut st, &mut buf, &mut out, &mut ends);
+                    self.finish(&mut st.calls, &mut ends);
                     result
                 };
                 if !out.is_empty() {
-                    if let Err(e) = write_counted(self.client, &out, &shared.bytes_received).await {
+                    if let Err(e) = write_counted(dst, &out, counter).await {
                         return DirEnd::write_failed(shared, e);
                     }
                     out.clear();
@@ -276,28 +275,20 @@ impl Http2<'_> {
                     tracing::debug!(
                         destination = %shared.destination,
                         error = %e,
-                        "HTTP/2 from the upstream not followed; forwarding the rest as it is"
+                        from,
+                        "HTTP/2 not followed; forwarding the rest as it is"
                     );
-                    return forward::pump(
-                        self.upstream,
-                        self.client,
-                        &buf,
-                        &shared.bytes_received,
-                        shared,
-                    )
-                    .await;
+                    return forward::pump(src, dst, &buf, counter, shared).await;
                 }
             }
-            match read_into(self.upstream, &mut buf).await {
+            match read_into(src, &mut buf).await {
                 Ok(0) => {
                     if !buf.is_empty() {
-                        if let Err(e) =
-                            write_counted(self.client, &buf, &shared.bytes_received).await
-                        {
+                        if let Err(e) = write_counted(dst, &buf, counter).await {
                             return DirEnd::write_failed(shared, e);
                         }
                     }
-                    shutdown_write(self.client);
+                    shutdown_write(dst);
                     return DirEnd::Eof;
                 }
                 Ok(_) => {}
