@@ -1,13 +1,24 @@
-//! In-test OTLP gRPC receiver: a tonic server for the trace and metrics services that records
-//! every export and offers flattened, easy-to-assert views of spans and metrics.
+//! In-test OTLP receiver: a tonic server for the trace and metrics services (and, optionally,
+//! an OTLP/HTTP protobuf server on a second port) that records every export and offers
+//! flattened, easy-to-assert views of spans and metrics.
+//!
+//! [`OtlpReceiver::start`] starts a plain gRPC receiver. [`OtlpReceiver::builder`] adds the
+//! OTLP/HTTP server ([`OtlpReceiverBuilder::http`]), TLS for both
+//! ([`OtlpReceiverBuilder::tls`], certificates from [`TestCa`]) and client-certificate
+//! verification ([`OtlpReceiverBuilder::client_ca`]). Every request's headers (gRPC metadata),
+//! whether its body was gzip-compressed and the client certificate it presented are recorded
+//! ([`OtlpReceiver::requests`]); [`OtlpReceiver::set_fault`] makes it reject exports
+//! (gRPC `UNAVAILABLE` / HTTP 503) until switched back.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use http_body_util::BodyExt as _;
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
     MetricsService, MetricsServiceServer,
 };
@@ -23,6 +34,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::{any_value, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use prost::Message as _;
 use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 
@@ -293,11 +305,74 @@ impl ReceivedMetric {
     }
 }
 
+/// How the receiver answers exports; switch at run time with [`OtlpReceiver::set_fault`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Fault {
+    /// Accept every export.
+    #[default]
+    None,
+    /// Reject every export as temporarily unavailable: gRPC `UNAVAILABLE` (with a
+    /// `google.rpc.RetryInfo` detail when `retry_after` is set), HTTP 503 (with `Retry-After`
+    /// in whole seconds, rounded up, when set).
+    Unavailable {
+        /// Delay the server asks the client to wait before retrying.
+        retry_after: Option<Duration>,
+    },
+}
+
+/// Transport an export request came over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// OTLP/gRPC.
+    Grpc,
+    /// OTLP/HTTP protobuf.
+    Http,
+}
+
+/// Signal of an export request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signal {
+    /// `/v1/traces` or the gRPC trace service.
+    Traces,
+    /// `/v1/metrics` or the gRPC metrics service.
+    Metrics,
+}
+
+/// One export request as it arrived (accepted or rejected).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestInfo {
+    /// gRPC or HTTP.
+    pub transport: Transport,
+    /// Traces or metrics.
+    pub signal: Signal,
+    /// Request headers (gRPC: the metadata), names lowercase, in arrival order.
+    pub headers: Vec<(String, String)>,
+    /// The body was gzip-compressed (`grpc-encoding: gzip` / `Content-Encoding: gzip`).
+    pub gzip: bool,
+    /// DER of the certificate the client presented over TLS, if any.
+    pub client_cert: Option<Vec<u8>>,
+    /// The receiver rejected it because of a [`Fault`].
+    pub rejected: bool,
+}
+
+impl RequestInfo {
+    /// The value of header `name` (case-insensitive), if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
 /// Everything received so far.
 #[derive(Default)]
 struct Store {
     traces: Vec<ExportTraceServiceRequest>,
     metrics: Vec<ExportMetricsServiceRequest>,
+    requests: Vec<RequestInfo>,
+    fault: Fault,
+    rejected: u64,
 }
 
 #[derive(Clone)]
@@ -311,6 +386,109 @@ impl Shared {
         // A panic while holding the lock cannot leave the Vecs inconsistent; keep going.
         self.store.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Records a request; returns the fault to answer with (`Fault::None`: accept).
+    fn arrive(&self, mut info: RequestInfo) -> Fault {
+        let mut store = self.lock();
+        let fault = store.fault;
+        info.rejected = fault != Fault::None;
+        if info.rejected {
+            store.rejected += 1;
+        }
+        store.requests.push(info);
+        drop(store);
+        self.notify.notify_waiters();
+        fault
+    }
+}
+
+/// The gRPC side of a request: metadata, compression and client certificate.
+fn grpc_info<T>(request: &tonic::Request<T>, signal: Signal) -> RequestInfo {
+    let headers = request
+        .metadata()
+        .clone()
+        .into_headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect::<Vec<_>>();
+    let gzip = headers
+        .iter()
+        .any(|(k, v)| k == "grpc-encoding" && v.eq_ignore_ascii_case("gzip"));
+    let client_cert = request
+        .peer_certs()
+        .and_then(|certs| certs.first().map(|c| c.as_ref().to_vec()));
+    RequestInfo {
+        transport: Transport::Grpc,
+        signal,
+        headers,
+        gzip,
+        client_cert,
+        rejected: false,
+    }
+}
+
+/// `google.rpc.Status` / `RetryInfo` (only the fields needed to send a retry delay).
+mod rpc {
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Status {
+        #[prost(int32, tag = "1")]
+        pub code: i32,
+        #[prost(string, tag = "2")]
+        pub message: String,
+        #[prost(message, repeated, tag = "3")]
+        pub details: Vec<Any>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Any {
+        #[prost(string, tag = "1")]
+        pub type_url: String,
+        #[prost(bytes = "vec", tag = "2")]
+        pub value: Vec<u8>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct RetryInfo {
+        #[prost(message, optional, tag = "1")]
+        pub retry_delay: Option<ProtoDuration>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ProtoDuration {
+        #[prost(int64, tag = "1")]
+        pub seconds: i64,
+        #[prost(int32, tag = "2")]
+        pub nanos: i32,
+    }
+}
+
+/// The gRPC status of a fault.
+fn fault_status(retry_after: Option<Duration>) -> tonic::Status {
+    const MESSAGE: &str = "otlp receiver: injected fault";
+    let Some(delay) = retry_after else {
+        return tonic::Status::unavailable(MESSAGE);
+    };
+    let retry = rpc::RetryInfo {
+        retry_delay: Some(rpc::ProtoDuration {
+            seconds: i64::try_from(delay.as_secs()).unwrap_or(i64::MAX),
+            nanos: i32::try_from(delay.subsec_nanos()).unwrap_or(0),
+        }),
+    };
+    let status = rpc::Status {
+        code: tonic::Code::Unavailable as i32,
+        message: MESSAGE.into(),
+        details: vec![rpc::Any {
+            type_url: "type.googleapis.com/google.rpc.RetryInfo".into(),
+            value: retry.encode_to_vec(),
+        }],
+    };
+    tonic::Status::with_details(
+        tonic::Code::Unavailable,
+        MESSAGE,
+        status.encode_to_vec().into(),
+    )
 }
 
 #[tonic::async_trait]
@@ -319,6 +497,10 @@ impl TraceService for Shared {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        if let Fault::Unavailable { retry_after } = self.arrive(grpc_info(&request, Signal::Traces))
+        {
+            return Err(fault_status(retry_after));
+        }
         let req = request.into_inner();
         tracing::debug!(
             resources = req.resource_spans.len(),
@@ -338,6 +520,11 @@ impl MetricsService for Shared {
         &self,
         request: tonic::Request<ExportMetricsServiceRequest>,
     ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        if let Fault::Unavailable { retry_after } =
+            self.arrive(grpc_info(&request, Signal::Metrics))
+        {
+            return Err(fault_status(retry_after));
+        }
         let req = request.into_inner();
         tracing::debug!(
             resources = req.resource_metrics.len(),
@@ -351,26 +538,207 @@ impl MetricsService for Shared {
     }
 }
 
-/// A running OTLP gRPC receiver. Stops when dropped.
+/// A running OTLP receiver (gRPC, plus OTLP/HTTP when built with
+/// [`OtlpReceiverBuilder::http`]). Stops when dropped.
 ///
 /// The server runs as a task on the current tokio runtime: tests that block their thread
 /// (e.g. `std::process::Command::output`) should use `#[tokio::test(flavor = "multi_thread")]`.
 pub struct OtlpReceiver {
     addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
+    tls: bool,
     shared: Shared,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
+    http_task: Option<JoinHandle<()>>,
 }
 
 impl fmt::Debug for OtlpReceiver {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OtlpReceiver")
             .field("addr", &self.addr)
+            .field("http_addr", &self.http_addr)
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }
 
+/// TLS material of the receiver's servers (PEM).
+#[derive(Clone, Debug)]
+struct ServerTls {
+    cert_pem: String,
+    key_pem: String,
+    client_ca_pem: Option<String>,
+}
+
+/// Builds an [`OtlpReceiver`] with more than plain gRPC.
+///
+/// ```no_run
+/// # async fn f() -> anyhow::Result<()> {
+/// use sidecar_tests::otlp::{OtlpReceiver, TestCa};
+/// let ca = TestCa::new()?;
+/// let rx = OtlpReceiver::builder()
+///     .http(true)
+///     .tls(&ca.server_cert_pem, &ca.server_key_pem)
+///     .client_ca(&ca.ca_pem)
+///     .start()
+///     .await?;
+/// let _grpc = rx.endpoint(); // https://127.0.0.1:PORT
+/// let _http = rx.http_endpoint(); // https://127.0.0.1:PORT2 (POST /v1/traces, /v1/metrics)
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct OtlpReceiverBuilder {
+    addr: SocketAddr,
+    http_addr: SocketAddr,
+    http: bool,
+    tls: Option<ServerTls>,
+}
+
+impl OtlpReceiverBuilder {
+    /// Address of the gRPC server (default `127.0.0.1:0`).
+    pub fn bind(mut self, addr: SocketAddr) -> Self {
+        self.addr = addr;
+        self
+    }
+
+    /// Also serve OTLP/HTTP protobuf (`POST /v1/traces`, `POST /v1/metrics`) on a second port
+    /// of the same IP (see [`OtlpReceiver::http_endpoint`]).
+    pub fn http(mut self, on: bool) -> Self {
+        self.http = on;
+        self
+    }
+
+    /// Address of the OTLP/HTTP server (default: the gRPC server's IP, port 0).
+    pub fn bind_http(mut self, addr: SocketAddr) -> Self {
+        self.http_addr = addr;
+        self
+    }
+
+    /// Serve TLS (both servers) with this certificate chain and private key (PEM).
+    pub fn tls(mut self, cert_pem: &str, key_pem: &str) -> Self {
+        let client_ca_pem = self.tls.take().and_then(|t| t.client_ca_pem);
+        self.tls = Some(ServerTls {
+            cert_pem: cert_pem.to_owned(),
+            key_pem: key_pem.to_owned(),
+            client_ca_pem,
+        });
+        self
+    }
+
+    /// Ask TLS clients for a certificate signed by this CA (PEM) and record it
+    /// ([`RequestInfo::client_cert`]). Presenting one stays optional so tests can observe
+    /// its absence; a certificate from another CA fails the handshake. Needs [`Self::tls`].
+    pub fn client_ca(mut self, ca_pem: &str) -> Self {
+        if let Some(t) = &mut self.tls {
+            t.client_ca_pem = Some(ca_pem.to_owned());
+        } else {
+            self.tls = Some(ServerTls {
+                cert_pem: String::new(),
+                key_pem: String::new(),
+                client_ca_pem: Some(ca_pem.to_owned()),
+            });
+        }
+        self
+    }
+
+    /// Binds and starts the servers. Must be called within a tokio runtime.
+    pub async fn start(self) -> anyhow::Result<OtlpReceiver> {
+        let listener = tokio::net::TcpListener::bind(self.addr)
+            .await
+            .with_context(|| format!("binding the OTLP receiver on {}", self.addr))?;
+        let http = if self.http {
+            let http_addr = self.http_addr(listener.local_addr()?);
+            Some(
+                tokio::net::TcpListener::bind(http_addr)
+                    .await
+                    .with_context(|| format!("binding the OTLP/HTTP receiver on {http_addr}"))?,
+            )
+        } else {
+            None
+        };
+        self.serve(listener, http)
+    }
+
+    /// Like [`Self::start`], with the listeners bound inside the network namespace `netns`
+    /// (e.g. a test pod's, where the sidecar can reach `127.0.0.1`). Must be called within a
+    /// tokio runtime.
+    pub async fn start_in(self, netns: &crate::Netns) -> anyhow::Result<OtlpReceiver> {
+        let (addr, builder) = (self.addr, self.clone());
+        let (grpc, http) = netns
+            .enter(move || -> std::io::Result<_> {
+                let grpc = std::net::TcpListener::bind(addr)?;
+                let http = if builder.http {
+                    Some(std::net::TcpListener::bind(
+                        builder.http_addr(grpc.local_addr()?),
+                    )?)
+                } else {
+                    None
+                };
+                Ok((grpc, http))
+            })
+            .map_err(|e| anyhow::anyhow!("entering the namespace: {e}"))?
+            .context("binding the OTLP receiver in the namespace")?;
+        let to_tokio = |l: std::net::TcpListener| -> anyhow::Result<tokio::net::TcpListener> {
+            l.set_nonblocking(true)?;
+            Ok(tokio::net::TcpListener::from_std(l)?)
+        };
+        let http = http.map(to_tokio).transpose()?;
+        self.serve(to_tokio(grpc)?, http)
+    }
+
+    /// The OTLP/HTTP address: as configured, or the gRPC server's IP with a free port.
+    fn http_addr(&self, grpc: SocketAddr) -> SocketAddr {
+        let mut http_addr = self.http_addr;
+        if http_addr.ip().is_unspecified() && http_addr.port() == 0 {
+            http_addr.set_ip(grpc.ip());
+        }
+        http_addr
+    }
+
+    fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        http: Option<tokio::net::TcpListener>,
+    ) -> anyhow::Result<OtlpReceiver> {
+        if let Some(t) = &self.tls {
+            anyhow::ensure!(
+                !t.cert_pem.is_empty(),
+                "client_ca needs tls(cert, key) as well"
+            );
+        }
+        let mut rx = OtlpReceiver::serve(listener, self.tls.as_ref())?;
+        if let Some(listener) = http {
+            rx.http_addr = Some(
+                listener
+                    .local_addr()
+                    .context("reading the OTLP/HTTP receiver's address")?,
+            );
+            let acceptor = match &self.tls {
+                Some(t) => Some(tls_acceptor(t)?),
+                None => None,
+            };
+            rx.http_task = Some(tokio::spawn(serve_http(
+                listener,
+                acceptor,
+                rx.shared.clone(),
+            )));
+        }
+        Ok(rx)
+    }
+}
+
 impl OtlpReceiver {
+    /// A builder for a receiver with OTLP/HTTP, TLS or client-certificate checks.
+    pub fn builder() -> OtlpReceiverBuilder {
+        OtlpReceiverBuilder {
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http_addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            http: false,
+            tls: None,
+        }
+    }
+
     /// Starts a receiver on `127.0.0.1` with a free port.
     pub async fn start() -> anyhow::Result<Self> {
         Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0))).await
@@ -381,7 +749,7 @@ impl OtlpReceiver {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding the OTLP receiver on {addr}"))?;
-        Self::serve(listener)
+        Self::serve(listener, None)
     }
 
     /// Starts a receiver on an already bound listener, e.g. one created inside a network
@@ -392,10 +760,10 @@ impl OtlpReceiver {
             .context("making the OTLP receiver's listener non-blocking")?;
         let listener = tokio::net::TcpListener::from_std(listener)
             .context("registering the OTLP receiver's listener with tokio")?;
-        Self::serve(listener)
+        Self::serve(listener, None)
     }
 
-    fn serve(listener: tokio::net::TcpListener) -> anyhow::Result<Self> {
+    fn serve(listener: tokio::net::TcpListener, tls: Option<&ServerTls>) -> anyhow::Result<Self> {
         let addr = listener
             .local_addr()
             .context("reading the OTLP receiver's address")?;
@@ -403,14 +771,31 @@ impl OtlpReceiver {
             store: Arc::default(),
             notify: Arc::new(Notify::new()),
         };
-        let traces =
-            TraceServiceServer::new(shared.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES);
-        let metrics =
-            MetricsServiceServer::new(shared.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let gzip = tonic::codec::CompressionEncoding::Gzip;
+        let traces = TraceServiceServer::new(shared.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .accept_compressed(gzip);
+        let metrics = MetricsServiceServer::new(shared.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .accept_compressed(gzip);
+        let mut server = tonic::transport::Server::builder();
+        if let Some(t) = tls {
+            let mut config = tonic::transport::ServerTlsConfig::new().identity(
+                tonic::transport::Identity::from_pem(&t.cert_pem, &t.key_pem),
+            );
+            if let Some(ca) = &t.client_ca_pem {
+                config = config
+                    .client_ca_root(tonic::transport::Certificate::from_pem(ca))
+                    .client_auth_optional(true);
+            }
+            server = server
+                .tls_config(config)
+                .context("configuring TLS of the OTLP gRPC receiver")?;
+        }
         let (tx, rx) = oneshot::channel::<()>();
         let incoming = tonic::transport::server::TcpIncoming::from(listener);
         let task = tokio::spawn(async move {
-            let result = tonic::transport::Server::builder()
+            let result = server
                 .add_service(traces)
                 .add_service(metrics)
                 .serve_with_incoming_shutdown(incoming, async {
@@ -425,9 +810,12 @@ impl OtlpReceiver {
         tracing::debug!(%addr, "otlp receiver listening");
         Ok(Self {
             addr,
+            http_addr: None,
+            tls: tls.is_some(),
             shared,
             shutdown: Some(tx),
             task,
+            http_task: None,
         })
     }
 
@@ -436,9 +824,60 @@ impl OtlpReceiver {
         self.addr
     }
 
-    /// The gRPC endpoint URL, `http://127.0.0.1:PORT` (brackets for IPv6).
+    /// The gRPC endpoint URL, `http://127.0.0.1:PORT` (`https://` with TLS; brackets for
+    /// IPv6).
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme(), self.addr)
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// The OTLP/HTTP base URL, `http(s)://127.0.0.1:PORT` (append `/v1/traces` or
+    /// `/v1/metrics`, or use it as `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    ///
+    /// # Panics
+    /// When the receiver was built without [`OtlpReceiverBuilder::http`].
+    pub fn http_endpoint(&self) -> String {
+        let addr = self
+            .http_addr
+            .expect("the OTLP receiver was built without .http(true)");
+        format!("{}://{addr}", self.scheme())
+    }
+
+    /// The OTLP/HTTP server's address, if it runs.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+
+    /// Makes the receiver reject (or accept again, with [`Fault::None`]) every later export.
+    pub fn set_fault(&self, fault: Fault) {
+        self.shared.lock().fault = fault;
+    }
+
+    /// Export requests rejected because of a [`Fault`] so far.
+    pub fn rejected_count(&self) -> u64 {
+        self.shared.lock().rejected
+    }
+
+    /// Every export request so far (accepted and rejected), in arrival order.
+    pub fn requests(&self) -> Vec<RequestInfo> {
+        self.shared.lock().requests.clone()
+    }
+
+    /// The headers (gRPC metadata) of every request so far, flattened in arrival order.
+    pub fn received_headers(&self) -> Vec<(String, String)> {
+        self.shared
+            .lock()
+            .requests
+            .iter()
+            .flat_map(|r| r.headers.iter().cloned())
+            .collect()
     }
 
     /// All raw trace export requests received so far.
@@ -612,6 +1051,297 @@ impl Drop for OtlpReceiver {
         }
         // Graceful shutdown waits for open connections; abort so the port is freed promptly.
         self.task.abort();
+        if let Some(t) = &self.http_task {
+            t.abort();
+        }
+    }
+}
+
+/// rustls acceptor (ring) for the OTLP/HTTP server; ALPN h2 and http/1.1.
+fn tls_acceptor(t: &ServerTls) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let chain = CertificateDer::pem_slice_iter(t.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .context("parsing the receiver's certificate")?;
+    let key = PrivateKeyDer::from_pem_slice(t.key_pem.as_bytes())
+        .context("parsing the receiver's private key")?;
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .context("choosing TLS versions")?;
+    let builder = match &t.client_ca_pem {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+                roots
+                    .add(cert.context("parsing the client CA")?)
+                    .context("adding the client CA")?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .allow_unauthenticated()
+            .build()
+            .context("building the client certificate verifier")?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .context("using the receiver's certificate")?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Accept loop of the OTLP/HTTP server.
+async fn serve_http(
+    listener: tokio::net::TcpListener,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    shared: Shared,
+) {
+    loop {
+        let Ok((tcp, peer)) = listener.accept().await else {
+            continue;
+        };
+        let shared = shared.clone();
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            let result = match acceptor {
+                Some(acceptor) => match acceptor.accept(tcp).await {
+                    Ok(tls) => {
+                        let client_cert = tls
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .map(|c| c.as_ref().to_vec());
+                        let service = hyper::service::service_fn(move |req| {
+                            handle_http(shared.clone(), req, client_cert.clone())
+                        });
+                        builder
+                            .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                            .await
+                    }
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "otlp/http receiver: TLS handshake failed");
+                        return;
+                    }
+                },
+                None => {
+                    let service = hyper::service::service_fn(move |req| {
+                        handle_http(shared.clone(), req, None)
+                    });
+                    builder
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                        .await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "otlp/http receiver: connection ended");
+            }
+        });
+    }
+}
+
+type HttpResponse = http::Response<http_body_util::Full<hyper::body::Bytes>>;
+
+fn http_response(status: http::StatusCode, body: Vec<u8>) -> HttpResponse {
+    let mut resp = http::Response::new(http_body_util::Full::new(hyper::body::Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/x-protobuf"),
+    );
+    resp
+}
+
+/// One OTLP/HTTP request: record, apply the fault, decode (gunzip), store.
+async fn handle_http(
+    shared: Shared,
+    req: http::Request<hyper::body::Incoming>,
+    client_cert: Option<Vec<u8>>,
+) -> Result<HttpResponse, std::convert::Infallible> {
+    let signal = match (req.method(), req.uri().path()) {
+        (&http::Method::POST, "/v1/traces") => Signal::Traces,
+        (&http::Method::POST, "/v1/metrics") => Signal::Metrics,
+        _ => return Ok(http_response(http::StatusCode::NOT_FOUND, Vec::new())),
+    };
+    let headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let gzip = req
+        .headers()
+        .get(http::header::CONTENT_ENCODING)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
+    let info = RequestInfo {
+        transport: Transport::Http,
+        signal,
+        headers,
+        gzip,
+        client_cert,
+        rejected: false,
+    };
+    if let Fault::Unavailable { retry_after } = shared.arrive(info) {
+        let mut resp = http_response(http::StatusCode::SERVICE_UNAVAILABLE, Vec::new());
+        if let Some(d) = retry_after {
+            let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+            if let Ok(v) = http::HeaderValue::from_str(&secs.to_string()) {
+                resp.headers_mut().insert(http::header::RETRY_AFTER, v);
+            }
+        }
+        return Ok(resp);
+    }
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return Ok(http_response(http::StatusCode::BAD_REQUEST, Vec::new())),
+    };
+    let body = if gzip {
+        let mut out = Vec::new();
+        let mut decoder = flate2::read::GzDecoder::new(body.as_ref());
+        if std::io::Read::read_to_end(&mut decoder, &mut out).is_err() {
+            return Ok(http_response(http::StatusCode::BAD_REQUEST, Vec::new()));
+        }
+        hyper::body::Bytes::from(out)
+    } else {
+        body
+    };
+    match signal {
+        Signal::Traces => match ExportTraceServiceRequest::decode(body) {
+            Ok(r) => shared.lock().traces.push(r),
+            Err(_) => return Ok(http_response(http::StatusCode::BAD_REQUEST, Vec::new())),
+        },
+        Signal::Metrics => match ExportMetricsServiceRequest::decode(body) {
+            Ok(r) => shared.lock().metrics.push(r),
+            Err(_) => return Ok(http_response(http::StatusCode::BAD_REQUEST, Vec::new())),
+        },
+    }
+    shared.notify.notify_waiters();
+    let body = match signal {
+        Signal::Traces => ExportTraceServiceResponse {
+            partial_success: None,
+        }
+        .encode_to_vec(),
+        Signal::Metrics => ExportMetricsServiceResponse {
+            partial_success: None,
+        }
+        .encode_to_vec(),
+    };
+    Ok(http_response(http::StatusCode::OK, body))
+}
+
+/// A throw-away certificate authority for TLS tests: a CA, a server certificate for
+/// `localhost` and `127.0.0.1` (and `::1`), and a client certificate, all PEM.
+#[derive(Clone, Debug)]
+pub struct TestCa {
+    /// The CA certificate.
+    pub ca_pem: String,
+    /// Server certificate (SANs `localhost`, `127.0.0.1`, `::1`), signed by the CA.
+    pub server_cert_pem: String,
+    /// Its private key (PKCS#8).
+    pub server_key_pem: String,
+    /// Client certificate (CN `otlp-test-client`, client auth), signed by the CA.
+    pub client_cert_pem: String,
+    /// Its private key (PKCS#8).
+    pub client_key_pem: String,
+    /// DER of the client certificate, to compare with [`RequestInfo::client_cert`].
+    pub client_cert_der: Vec<u8>,
+}
+
+/// [`TestCa`] written to files.
+#[derive(Clone, Debug)]
+pub struct TestCaFiles {
+    /// `ca.pem`.
+    pub ca: PathBuf,
+    /// `server.pem`.
+    pub server_cert: PathBuf,
+    /// `server.key`.
+    pub server_key: PathBuf,
+    /// `client.pem`.
+    pub client_cert: PathBuf,
+    /// `client.key`.
+    pub client_key: PathBuf,
+}
+
+impl TestCa {
+    /// Generates a fresh CA and its two certificates.
+    pub fn new() -> anyhow::Result<Self> {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+            IsCa, KeyPair, KeyUsagePurpose,
+        };
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "otlp-test-ca");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
+
+        let mut server = CertificateParams::new(vec![
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+            "::1".to_owned(),
+        ])?;
+        server
+            .distinguished_name
+            .push(DnType::CommonName, "localhost");
+        server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let server_key = KeyPair::generate()?;
+        let server_cert = server.signed_by(&server_key, &ca)?;
+
+        let mut client = CertificateParams::new(Vec::<String>::new())?;
+        client
+            .distinguished_name
+            .push(DnType::CommonName, "otlp-test-client");
+        client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let client_key = KeyPair::generate()?;
+        let client_cert = client.signed_by(&client_key, &ca)?;
+
+        Ok(Self {
+            ca_pem: ca.pem(),
+            server_cert_pem: server_cert.pem(),
+            server_key_pem: server_key.serialize_pem(),
+            client_cert_pem: client_cert.pem(),
+            client_key_pem: client_key.serialize_pem(),
+            client_cert_der: client_cert.der().to_vec(),
+        })
+    }
+
+    /// Writes the PEM files into `dir` (which must exist).
+    pub fn write_to(&self, dir: &Path) -> anyhow::Result<TestCaFiles> {
+        let files = TestCaFiles {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client.key"),
+        };
+        for (path, pem) in [
+            (&files.ca, &self.ca_pem),
+            (&files.server_cert, &self.server_cert_pem),
+            (&files.server_key, &self.server_key_pem),
+            (&files.client_cert, &self.client_cert_pem),
+            (&files.client_key, &self.client_key_pem),
+        ] {
+            std::fs::write(path, pem).with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(files)
     }
 }
 
@@ -881,6 +1611,145 @@ mod tests {
         let c = rx.latest_metric("test.counter").unwrap();
         assert_eq!(c.kind, MetricKind::Sum { monotonic: true });
         assert_eq!(c.points[0].value, PointValue::Int(3));
+    }
+
+    fn one_span_request() -> ExportTraceServiceRequest {
+        ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource: Some(Resource {
+                    attributes: vec![kv_str("service.name", "raw-http")],
+                    ..Default::default()
+                }),
+                scope_spans: vec![ScopeSpans {
+                    spans: vec![Span {
+                        trace_id: vec![1; 16],
+                        span_id: vec![2; 8],
+                        name: "POST".into(),
+                        kind: SpanKind::Client as i32,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        }
+    }
+
+    async fn post(url: &str, body: Vec<u8>, gzip: bool) -> http::Response<hyper::body::Incoming> {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Full<hyper::body::Bytes>>();
+        let mut req = http::Request::post(url)
+            .header("content-type", "application/x-protobuf")
+            .header("x-api-key", "k1");
+        if gzip {
+            req = req.header("content-encoding", "gzip");
+        }
+        client
+            .request(
+                req.body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
+                    .unwrap(),
+            )
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn http_protobuf_plain_and_gzip_and_faults() {
+        let rx = OtlpReceiver::builder().http(true).start().await.unwrap();
+        let base = rx.http_endpoint();
+        assert!(base.starts_with("http://127.0.0.1:"), "{base}");
+        let body = one_span_request().encode_to_vec();
+        let resp = post(&format!("{base}/v1/traces"), body.clone(), false).await;
+        assert_eq!(resp.status(), 200);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut gz, &body).unwrap();
+        let resp = post(&format!("{base}/v1/traces"), gz.finish().unwrap(), true).await;
+        assert_eq!(resp.status(), 200);
+        let resp = post(&format!("{base}/v1/logs"), body.clone(), false).await;
+        assert_eq!(resp.status(), 404);
+
+        rx.set_fault(Fault::Unavailable {
+            retry_after: Some(Duration::from_millis(1500)),
+        });
+        let resp = post(&format!("{base}/v1/traces"), body.clone(), false).await;
+        assert_eq!(resp.status(), 503);
+        assert_eq!(resp.headers()["retry-after"], "2");
+        rx.set_fault(Fault::None);
+        assert_eq!(rx.rejected_count(), 1);
+
+        let spans = rx.spans();
+        assert_eq!(spans.len(), 2);
+        assert!(spans.iter().all(|s| s.service_name() == Some("raw-http")));
+        let reqs = rx.requests();
+        assert_eq!(reqs.len(), 3, "the 404 is not an export");
+        assert_eq!(
+            reqs.iter()
+                .map(|r| (r.gzip, r.rejected))
+                .collect::<Vec<_>>(),
+            [(false, false), (true, false), (false, true)]
+        );
+        assert!(reqs.iter().all(|r| r.transport == Transport::Http
+            && r.signal == Signal::Traces
+            && r.header("X-Api-Key") == Some("k1")));
+        assert!(rx
+            .received_headers()
+            .contains(&("x-api-key".to_owned(), "k1".to_owned())));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn grpc_fault_carries_retry_info_and_tls_records_the_client_cert() {
+        let ca = TestCa::new().unwrap();
+        let rx = OtlpReceiver::builder()
+            .tls(&ca.server_cert_pem, &ca.server_key_pem)
+            .client_ca(&ca.ca_pem)
+            .start()
+            .await
+            .unwrap();
+        assert!(rx.endpoint().starts_with("https://127.0.0.1:"));
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&ca.ca_pem))
+            .identity(tonic::transport::Identity::from_pem(
+                &ca.client_cert_pem,
+                &ca.client_key_pem,
+            ));
+        let channel = tonic::transport::Endpoint::from_shared(rx.endpoint())
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = TraceServiceClient::new(channel);
+
+        rx.set_fault(Fault::Unavailable {
+            retry_after: Some(Duration::from_millis(250)),
+        });
+        let status = client.export(one_span_request()).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        let details = rpc::Status::decode(status.details()).unwrap();
+        let retry = rpc::RetryInfo::decode(details.details[0].value.as_slice()).unwrap();
+        assert_eq!(
+            retry.retry_delay,
+            Some(rpc::ProtoDuration {
+                seconds: 0,
+                nanos: 250_000_000
+            })
+        );
+        rx.set_fault(Fault::None);
+        client.export(one_span_request()).await.unwrap();
+
+        let reqs = rx.requests();
+        assert_eq!(reqs.len(), 2);
+        assert!(reqs[0].rejected && !reqs[1].rejected);
+        for r in &reqs {
+            assert_eq!(r.transport, Transport::Grpc);
+            assert_eq!(
+                r.client_cert.as_deref(),
+                Some(ca.client_cert_der.as_slice())
+            );
+        }
+        assert_eq!(rx.spans().len(), 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,8 +5,11 @@ use std::fmt::Display;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+pub mod batch;
+pub mod config;
 pub mod otlp;
 pub mod sink;
+pub mod stats;
 pub mod summary;
 
 /// Minimum time between two logged export failures of one exporter.

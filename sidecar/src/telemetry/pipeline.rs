@@ -1,16 +1,16 @@
-//! Telemetry lifecycle: builds the SDK providers (OTLP gRPC or the local sink), the resource,
-//! the sampler and the periodic summary task, and flushes everything on shutdown.
+//! Telemetry lifecycle: builds the SDK providers (OTLP gRPC or http/protobuf per signal, or the
+//! local sink), the sidecar's bounded span queue, the metric readers, the sampler and the
+//! periodic summary task, and flushes everything on shutdown.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use opentelemetry::metrics::MeterProvider as _;
 use opentelemetry_sdk::error::OTelSdkError;
 use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
-use opentelemetry_sdk::trace::{
-    BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider, SpanExporter,
-};
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanExporter};
 use opentelemetry_sdk::Resource;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -19,23 +19,34 @@ use super::route::{RouteError, RouteTable};
 use super::sampling::SamplingConfig;
 use super::url::Redactor;
 use super::Telemetry;
-use crate::export::otlp;
+use crate::admin::prometheus::PrometheusReader;
+use crate::export::batch::BoundedBatchProcessor;
+use crate::export::config::ExportSettings;
+use crate::export::otlp::{self, Counted, ExportBuildError};
 use crate::export::sink::{SinkFile, SinkMetricExporter, SinkSpanExporter};
+use crate::export::stats::{ExportSignal, ExportStats};
 use crate::export::summary::{print_report, Summary};
+
+/// `otel.component.type` of the local sink's span exporter.
+pub const SINK_SPAN_EXPORTER_TYPE: &str = "sidecar_file_span_exporter";
+/// `otel.component.type` of the local sink's metric exporter.
+pub const SINK_METRIC_EXPORTER_TYPE: &str = "sidecar_file_metric_exporter";
+
+/// Instrumentation scope of the export self-observability instruments.
+const SELF_METER: &str = "sidecar";
 
 /// How the telemetry pipeline is set up (the CLI fills it from flags and `OTEL_*` variables).
 #[derive(Clone, Debug)]
 pub struct TelemetryConfig {
-    /// `service.name` of the resource; `None` keeps the SDK default
-    /// (`OTEL_SERVICE_NAME`, else `unknown_service:<executable>`).
-    pub service_name: Option<String>,
-    /// OTLP gRPC endpoint, e.g. `http://collector:4317`; `None` selects the local sink.
-    pub otlp_endpoint: Option<String>,
-    /// Period of the metric reader (`OTEL_METRIC_EXPORT_INTERVAL`).
-    pub metric_export_interval: Duration,
-    /// Delay of the batch span processor (`OTEL_BSP_SCHEDULE_DELAY`).
-    pub span_schedule_delay: Duration,
-    /// Default sink file (OTLP/JSON lines, appended) used when there is no endpoint.
+    /// Resolved export settings: per-signal OTLP endpoints (or the sink), temporality,
+    /// intervals, span batching, `OTEL_SDK_DISABLED`.
+    pub export: ExportSettings,
+    /// The resource of every span and metric.
+    pub resource: Resource,
+    /// The `/metrics` reader, registered on the meter provider (works even when the SDK is
+    /// disabled).
+    pub prometheus: Option<PrometheusReader>,
+    /// Default sink file (OTLP/JSON lines, appended) used by a signal without an endpoint.
     pub sink_path: PathBuf,
     /// Period of the terminal summary; `None` prints none until shutdown.
     pub summary_interval: Option<Duration>,
@@ -58,17 +69,20 @@ pub enum TelemetryError {
     /// `init` was called outside a tokio runtime.
     #[error("the telemetry pipeline must start inside a tokio runtime")]
     NoRuntime,
-    /// The OTLP exporter could not be built (usually an invalid endpoint).
+    /// The OTLP exporter could not be built (usually an invalid endpoint or TLS file).
     #[error("cannot build the OTLP {signal} exporter for {endpoint:?}: {source}")]
     OtlpExporter {
         /// `traces` or `metrics`.
         signal: &'static str,
         /// The configured endpoint.
         endpoint: String,
-        /// What the exporter builder said.
+        /// What went wrong.
         #[source]
-        source: opentelemetry_otlp::ExporterBuildError,
+        source: ExportBuildError,
     },
+    /// The span export thread could not be started.
+    #[error("cannot start the span export thread: {0}")]
+    SpanWorker(#[source] std::io::Error),
     /// Flushing or shutting down a provider failed.
     #[error("shutting down the {signal} pipeline failed: {source}")]
     Shutdown {
@@ -94,13 +108,20 @@ pub enum TelemetryError {
 pub struct TelemetryGuard {
     tracer_provider: SdkTracerProvider,
     meter_provider: SdkMeterProvider,
+    export_stats: Arc<ExportStats>,
+    /// Bound of the span flush at shutdown (`OTEL_BSP_EXPORT_TIMEOUT`).
+    span_shutdown_timeout: Duration,
     summary: Arc<Summary>,
     stop: CancellationToken,
     task: Option<JoinHandle<()>>,
 }
 
-/// Builds the pipeline. Must run inside a tokio runtime (the gRPC channels and the summary task
-/// live on it).
+/// Builds the pipeline. Must run inside a tokio runtime (the gRPC channels, the HTTP client,
+/// the span export worker's exports and the summary task live on it).
+///
+/// Per signal: OTLP when `export.traces` / `export.metrics` is set, else the local sink.
+/// `export.disabled`: no span processor and no periodic reader at all (spans are still created
+/// for context propagation but go nowhere; only the Prometheus reader, if any, collects).
 pub fn init(cfg: &TelemetryConfig) -> Result<(Telemetry, TelemetryGuard), TelemetryError> {
     let runtime = tokio::runtime::Handle::try_current().map_err(|_| TelemetryError::NoRuntime)?;
     let routes = RouteTable::new(&cfg.routes, cfg.max_routes)?;
@@ -108,30 +129,70 @@ pub fn init(cfg: &TelemetryConfig) -> Result<(Telemetry, TelemetryGuard), Teleme
         Some(names) => Redactor::new(names.iter().map(String::as_str)),
         None => Redactor::default(),
     };
-    let resource = resource(cfg.service_name.as_deref());
-    let (tracer_provider, meter_provider) = match cfg.otlp_endpoint.as_deref() {
-        Some(endpoint) => {
-            let build_err = |signal| {
-                move |source| TelemetryError::OtlpExporter {
-                    signal,
-                    endpoint: endpoint.to_owned(),
+    let export = &cfg.export;
+    let stats = ExportStats::new();
+    let sink = SinkFile::new(&cfg.sink_path);
+
+    let mut tracer_builder = SdkTracerProvider::builder()
+        .with_sampler(cfg.sampling.sampler())
+        .with_resource(cfg.resource.clone());
+    let mut meter_builder = SdkMeterProvider::builder().with_resource(cfg.resource.clone());
+    if !export.disabled {
+        tracer_builder = match &export.traces {
+            Some(s) => {
+                let exporter = otlp::span_exporter(s, Arc::clone(&stats)).map_err(|source| {
+                    TelemetryError::OtlpExporter {
+                        signal: "traces",
+                        endpoint: s.endpoint.clone(),
+                        source,
+                    }
+                })?;
+                tracer_builder.with_span_processor(processor(exporter, cfg, &stats, &runtime)?)
+            }
+            None => {
+                let exporter = Counted::new(
+                    SinkSpanExporter::new(Arc::clone(&sink)),
+                    ExportSignal::Spans,
+                    SINK_SPAN_EXPORTER_TYPE,
+                    Arc::clone(&stats),
+                );
+                tracer_builder.with_span_processor(processor(exporter, cfg, &stats, &runtime)?)
+            }
+        };
+        meter_builder = match &export.metrics {
+            Some(s) => {
+                let exporter = otlp::metric_exporter(
+                    s,
+                    export.temporality,
+                    export.metric_export_timeout,
+                    Arc::clone(&stats),
+                )
+                .map_err(|source| TelemetryError::OtlpExporter {
+                    signal: "metrics",
+                    endpoint: s.endpoint.clone(),
                     source,
-                }
-            };
-            let spans = otlp::span_exporter(endpoint).map_err(build_err("traces"))?;
-            let metrics = otlp::metric_exporter(endpoint).map_err(build_err("metrics"))?;
-            providers(spans, metrics, cfg, resource)
-        }
-        None => {
-            let file = SinkFile::new(&cfg.sink_path);
-            providers(
-                SinkSpanExporter::new(Arc::clone(&file)),
-                SinkMetricExporter::new(file),
-                cfg,
-                resource,
-            )
-        }
-    };
+                })?;
+                meter_builder.with_reader(periodic(exporter, export))
+            }
+            None => {
+                let exporter = Counted::new(
+                    SinkMetricExporter::new(Arc::clone(&sink)),
+                    ExportSignal::Metrics,
+                    SINK_METRIC_EXPORTER_TYPE,
+                    Arc::clone(&stats),
+                )
+                .with_temporality(otlp::temporality(export.temporality));
+                meter_builder.with_reader(periodic(exporter, export))
+            }
+        };
+    }
+    if let Some(prometheus) = &cfg.prometheus {
+        meter_builder = meter_builder.with_reader(prometheus.reader());
+    }
+    let tracer_provider = tracer_builder.build();
+    let meter_provider = meter_builder.build();
+    stats.register(&meter_provider.meter(SELF_METER));
+
     let summary = Arc::new(Summary::new());
     let telemetry = Telemetry::with_routes(
         &tracer_provider,
@@ -153,6 +214,8 @@ pub fn init(cfg: &TelemetryConfig) -> Result<(Telemetry, TelemetryGuard), Teleme
         TelemetryGuard {
             tracer_provider,
             meter_provider,
+            export_stats: stats,
+            span_shutdown_timeout: export.batch.export_timeout,
             summary,
             stop,
             task,
@@ -160,46 +223,25 @@ pub fn init(cfg: &TelemetryConfig) -> Result<(Telemetry, TelemetryGuard), Teleme
     ))
 }
 
-/// The SDK default resource (service name from `OTEL_SERVICE_NAME` or the executable,
-/// `telemetry.sdk.*`, `OTEL_RESOURCE_ATTRIBUTES`) with the configured service name on top.
-fn resource(service_name: Option<&str>) -> Resource {
-    let builder = Resource::builder();
-    match service_name.filter(|s| !s.is_empty()) {
-        Some(name) => builder.with_service_name(name.to_owned()).build(),
-        None => builder.build(),
-    }
+fn processor<E: SpanExporter + 'static>(
+    exporter: E,
+    cfg: &TelemetryConfig,
+    stats: &Arc<ExportStats>,
+    runtime: &tokio::runtime::Handle,
+) -> Result<BoundedBatchProcessor<E>, TelemetryError> {
+    BoundedBatchProcessor::new(
+        exporter,
+        cfg.export.batch,
+        Arc::clone(stats),
+        runtime.clone(),
+    )
+    .map_err(TelemetryError::SpanWorker)
 }
 
-fn providers<S, M>(
-    spans: S,
-    metrics: M,
-    cfg: &TelemetryConfig,
-    resource: Resource,
-) -> (SdkTracerProvider, SdkMeterProvider)
-where
-    S: SpanExporter + 'static,
-    M: PushMetricExporter,
-{
-    let batch = BatchConfigBuilder::default()
-        .with_scheduled_delay(cfg.span_schedule_delay)
-        .build();
-    let tracer_provider = SdkTracerProvider::builder()
-        .with_span_processor(
-            BatchSpanProcessor::builder(spans)
-                .with_batch_config(batch)
-                .build(),
-        )
-        .with_sampler(cfg.sampling.sampler())
-        .with_resource(resource.clone())
-        .build();
-    let reader = PeriodicReader::builder(metrics)
-        .with_interval(cfg.metric_export_interval)
-        .build();
-    let meter_provider = SdkMeterProvider::builder()
-        .with_reader(reader)
-        .with_resource(resource)
-        .build();
-    (tracer_provider, meter_provider)
+fn periodic<M: PushMetricExporter>(exporter: M, export: &ExportSettings) -> PeriodicReader<M> {
+    PeriodicReader::builder(exporter)
+        .with_interval(export.metric_export_interval)
+        .build()
 }
 
 async fn summary_loop(summary: Arc<Summary>, period: Duration, stop: CancellationToken) {
@@ -223,9 +265,26 @@ impl TelemetryGuard {
         &self.summary
     }
 
+    /// Export counters (queue depth, drops, exported and failed spans and points).
+    pub fn export_stats(&self) -> Arc<ExportStats> {
+        Arc::clone(&self.export_stats)
+    }
+
+    /// The meter provider, to register more instruments (e.g. the sidecar's own).
+    pub fn meter_provider(&self) -> &SdkMeterProvider {
+        &self.meter_provider
+    }
+
+    /// The tracer provider.
+    pub fn tracer_provider(&self) -> &SdkTracerProvider {
+        &self.tracer_provider
+    }
+
     /// Stops the summary task, flushes and shuts down spans and metrics (the SDK's blocking
-    /// calls run on a blocking thread, so the runtime keeps driving the gRPC channels), then
-    /// prints the final summary.
+    /// calls run on a blocking thread, so the runtime keeps driving the exporters), then
+    /// prints the final summary. The span flush is bounded by `OTEL_BSP_EXPORT_TIMEOUT`, the
+    /// final metric export by `OTEL_METRIC_EXPORT_TIMEOUT` (and the SDK reader's own 5 s);
+    /// what is not exported by then is lost and reported as an error.
     pub async fn shutdown(mut self) -> Result<(), TelemetryError> {
         self.stop.cancel();
         if let Some(task) = self.task.take() {
@@ -234,8 +293,10 @@ impl TelemetryGuard {
         }
         let tp = self.tracer_provider.clone();
         let mp = self.meter_provider.clone();
+        let timeout = self.span_shutdown_timeout;
         let (traces, metrics) =
-            tokio::task::spawn_blocking(move || (tp.shutdown(), mp.shutdown())).await?;
+            tokio::task::spawn_blocking(move || (tp.shutdown_with_timeout(timeout), mp.shutdown()))
+                .await?;
         print_report(&self.summary.final_report());
         traces.map_err(|source| TelemetryError::Shutdown {
             signal: "traces",
@@ -266,6 +327,9 @@ mod tests {
     use sidecar_tests::tempdir::TempDir;
 
     use super::*;
+    use crate::export::config::{
+        BatchSettings, Compression, OtlpProtocol, SignalSettings, TemporalityPreference,
+    };
     use crate::telemetry::{
         ConnectionProtocol, HttpRequestEnd, HttpRequestStart, HttpVersion, TcpConnectionRecord,
     };
@@ -275,11 +339,31 @@ mod tests {
     const WAIT: Duration = Duration::from_secs(15);
 
     fn config(endpoint: Option<String>, sink_path: PathBuf) -> TelemetryConfig {
+        let signal = endpoint.map(|endpoint| SignalSettings {
+            endpoint,
+            protocol: OtlpProtocol::Grpc,
+            headers: Vec::new(),
+            timeout: Duration::from_secs(10),
+            compression: Compression::None,
+            tls: None,
+        });
         TelemetryConfig {
-            service_name: Some("pipeline-test".into()),
-            otlp_endpoint: endpoint,
-            metric_export_interval: Duration::from_millis(200),
-            span_schedule_delay: Duration::from_millis(100),
+            export: ExportSettings {
+                disabled: false,
+                traces: signal.clone(),
+                metrics: signal,
+                temporality: TemporalityPreference::Cumulative,
+                metric_export_interval: Duration::from_millis(200),
+                metric_export_timeout: Duration::from_secs(10),
+                batch: BatchSettings {
+                    schedule_delay: Duration::from_millis(100),
+                    ..BatchSettings::default()
+                },
+            },
+            resource: Resource::builder()
+                .with_service_name("pipeline-test")
+                .build(),
+            prometheus: None,
             sink_path,
             summary_interval: Some(Duration::from_millis(100)),
             sampling: SamplingConfig::default(),
@@ -443,9 +527,10 @@ mod tests {
         let sink = dir.join("out/telemetry.jsonl");
         let mut cfg = config(None, sink.clone());
         // Long intervals: only shutdown's flush writes.
-        cfg.metric_export_interval = Duration::from_secs(3600);
-        cfg.span_schedule_delay = Duration::from_secs(3600);
+        cfg.export.metric_export_interval = Duration::from_secs(3600);
+        cfg.export.batch.schedule_delay = Duration::from_secs(3600);
         let (t, guard) = init(&cfg).unwrap();
+        let stats = guard.export_stats();
         traffic(&t);
         tokio::time::timeout(WAIT, guard.shutdown())
             .await
@@ -470,8 +555,34 @@ mod tests {
         }
         assert_eq!(spans, 1, "{text}");
         metric_names.sort();
+        metric_names.dedup();
+        let (sdk, app): (Vec<_>, Vec<_>) = metric_names
+            .into_iter()
+            .partition(|n| n.starts_with("otel.sdk."));
         assert_eq!(
-            metric_names,
+            sdk,
+            [
+                "otel.sdk.exporter.metric_data_point.exported",
+                "otel.sdk.exporter.operation.duration",
+                "otel.sdk.exporter.span.exported",
+                "otel.sdk.processor.span.processed",
+                "otel.sdk.processor.span.queue.capacity",
+                "otel.sdk.processor.span.queue.size",
+            ]
+        );
+        let s = stats.snapshot();
+        assert_eq!(
+            (s.spans_exported, s.spans_dropped, s.spans_failed),
+            (1, 0, 0)
+        );
+        assert_eq!(s.queue_capacity, 2048);
+        assert!(s.metric_points_exported > 0, "{s:?}");
+        assert!(
+            text.contains("sidecar_file_span_exporter"),
+            "component type: {text}"
+        );
+        assert_eq!(
+            app,
             [
                 "http.client.active_requests",
                 "http.client.request.body.size",
@@ -493,7 +604,14 @@ mod tests {
         };
         let endpoint = format!("http://{}", SocketAddr::from(([127, 0, 0, 1], port)));
         let dir = TempDir::create("pipeline-outage").unwrap();
-        let (t, guard) = init(&config(Some(endpoint), dir.join("t.jsonl"))).unwrap();
+        let mut cfg = config(Some(endpoint), dir.join("t.jsonl"));
+        for s in [&mut cfg.export.traces, &mut cfg.export.metrics] {
+            s.as_mut().unwrap().timeout = Duration::from_millis(500);
+        }
+        cfg.export.batch.export_timeout = Duration::from_secs(2);
+        cfg.export.metric_export_timeout = Duration::from_secs(1);
+        let (t, guard) = init(&cfg).unwrap();
+        let stats = guard.export_stats();
         let started = Instant::now();
         for _ in 0..2000 {
             traffic(&t);
@@ -505,9 +623,103 @@ mod tests {
             "2000 requests took {took:?}"
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
-        tokio::time::timeout(Duration::from_secs(60), guard.shutdown())
+        let result = tokio::time::timeout(Duration::from_secs(30), guard.shutdown())
             .await
-            .expect("shutdown hung while the collector was down")
+            .expect("shutdown hung while the collector was down");
+        // Giving up on what could not be exported is reported, not hidden.
+        assert!(
+            matches!(result, Ok(()) | Err(TelemetryError::Shutdown { .. })),
+            "{result:?}"
+        );
+        // 2000 CLIENT spans: exported never, failed or dropped, queue bounded.
+        let s = stats.snapshot();
+        assert_eq!(s.spans_exported, 0, "{s:?}");
+        assert!(s.spans_failed > 0, "{s:?}");
+        assert!(
+            s.spans_failed + s.spans_dropped + s.queue_size <= 2000,
+            "{s:?}"
+        );
+        assert!(s.queue_size <= s.queue_capacity, "{s:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sdk_disabled_exports_nothing() {
+        let dir = TempDir::create("pipeline-disabled").unwrap();
+        let sink = dir.join("t.jsonl");
+        let mut cfg = config(None, sink.clone());
+        cfg.export.disabled = true;
+        let (t, guard) = init(&cfg).unwrap();
+        let stats = guard.export_stats();
+        traffic(&t);
+        tokio::time::timeout(WAIT, guard.shutdown())
+            .await
+            .expect("shutdown hung")
+            .unwrap();
+        assert!(
+            !sink.exists(),
+            "nothing is written when the SDK is disabled"
+        );
+        assert_eq!(stats.snapshot().spans_exported, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn traces_over_http_protobuf_and_metrics_to_the_sink() {
+        let rx = OtlpReceiver::builder().http(true).start().await.unwrap();
+        let dir = TempDir::create("pipeline-mixed").unwrap();
+        let sink = dir.join("t.jsonl");
+        let mut cfg = config(None, sink.clone());
+        cfg.export.traces = Some(SignalSettings {
+            endpoint: format!("{}/v1/traces", rx.http_endpoint()),
+            protocol: OtlpProtocol::HttpProtobuf,
+            headers: vec![("authorization".into(), "Bearer t0k".into())],
+            timeout: Duration::from_secs(5),
+            compression: Compression::Gzip,
+            tls: None,
+        });
+        cfg.export.temporality = TemporalityPreference::Delta;
+        let (t, guard) = init(&cfg).unwrap();
+        traffic(&t);
+        let spans = rx
+            .wait_for_spans(WAIT, 1, |s| s.is_client())
+            .await
+            .expect("no span over OTLP/HTTP");
+        assert_eq!(spans[0].service_name(), Some("pipeline-test"));
+        let req = &rx.requests()[0];
+        assert!(req.gzip);
+        assert_eq!(req.header("authorization"), Some("Bearer t0k"));
+        tokio::time::timeout(WAIT, guard.shutdown())
+            .await
+            .expect("shutdown hung")
+            .unwrap();
+        assert!(rx.metrics().is_empty(), "metrics go to the sink");
+        let text = std::fs::read_to_string(&sink).unwrap();
+        assert!(text.contains("resourceMetrics"), "{text}");
+        assert!(
+            !text.contains("resourceSpans"),
+            "spans go to the collector: {text}"
+        );
+        // Delta temporality reaches the sink exporter (OTLP enum value 1).
+        assert!(text.contains("\"aggregationTemporality\":1"), "{text}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn prometheus_reader_collects_even_when_disabled() {
+        let dir = TempDir::create("pipeline-prometheus").unwrap();
+        let mut cfg = config(None, dir.join("t.jsonl"));
+        cfg.export.disabled = true;
+        let prometheus = PrometheusReader::new();
+        cfg.prometheus = Some(prometheus.clone());
+        let (t, guard) = init(&cfg).unwrap();
+        traffic(&t);
+        let text = prometheus.render().unwrap();
+        assert!(text.contains("http_client_request_duration"), "{text}");
+        assert!(
+            text.contains("otel_sdk_processor_span_queue_capacity"),
+            "{text}"
+        );
+        tokio::time::timeout(WAIT, guard.shutdown())
+            .await
+            .expect("shutdown hung")
             .unwrap();
     }
 }
