@@ -369,6 +369,12 @@ fn redirects_v4_and_v6_to_the_proxy_with_the_exact_original_destination() {
     // While the connections are open, the peer map holds exactly them and the cookie map
     // holds none (entries move on ESTABLISHED).
     assert_eq!(interception.orig_dst_entries().expect("map counts"), (0, 4));
+    // The fill figures behind `sidecar.ebpf.map.fill_ratio` count the same entries.
+    let fill = interception.map_fill();
+    assert!(
+        fill.contains(&("ORIG_DST_BY_PEER".to_string(), 4, 65_536)),
+        "{fill:?}"
+    );
     assert_eq!(app.ask("close"), "closed");
     drop(interception);
 }

@@ -347,6 +347,66 @@ impl Interception {
         ))
     }
 
+    /// Fill of the maps whose entry count grows with traffic: (map name, entries, capacity)
+    /// for `ORIG_DST_BY_COOKIE`, `ORIG_DST_BY_PEER` and `CONN_STATE` (LRU hashes: when full,
+    /// the kernel evicts the least recently used entry, so a ratio near 1 means connections
+    /// may lose their original destination or observation state). A map that cannot be read
+    /// is left out (logged at debug). Read-only; walks every key, so call it at collection
+    /// time, not per request.
+    ///
+    /// The policy maps are not listed: their handles live in [`policy`] and a policy larger
+    /// than a map is refused before anything is written.
+    pub fn map_fill(&self) -> Vec<(String, usize, usize)> {
+        use sidecar_common::observe::{ConnState, CONN_STATE_ENTRIES};
+        use sidecar_common::{ORIG_DST_BY_COOKIE_ENTRIES, ORIG_DST_BY_PEER_ENTRIES};
+
+        let maps = [
+            (
+                MAP_ORIG_DST_BY_COOKIE,
+                self.count_entries::<u64, SockAddr>(MAP_ORIG_DST_BY_COOKIE),
+                ORIG_DST_BY_COOKIE_ENTRIES,
+            ),
+            (
+                MAP_ORIG_DST_BY_PEER,
+                self.count_entries::<SockAddr, SockAddr>(MAP_ORIG_DST_BY_PEER),
+                ORIG_DST_BY_PEER_ENTRIES,
+            ),
+            (
+                observe::MAP_CONN_STATE,
+                self.count_entries::<u64, ConnState>(observe::MAP_CONN_STATE),
+                CONN_STATE_ENTRIES,
+            ),
+        ];
+        maps.into_iter()
+            .filter_map(|(name, entries, capacity)| match entries {
+                Ok(n) => Some((name.to_string(), n, capacity as usize)),
+                Err(e) => {
+                    debug!(map = name, error = %e, "cannot count map entries");
+                    None
+                }
+            })
+            .collect()
+    }
+
+    /// Number of keys in the hash map `name` (key `K`, value `V`).
+    fn count_entries<K: aya::Pod, V: aya::Pod>(
+        &self,
+        name: &'static str,
+    ) -> Result<usize, EbpfError> {
+        let map = self
+            .bpf
+            .map(name)
+            .ok_or(EbpfError::Missing { kind: "map", name })?;
+        let map: HashMap<_, K, V> =
+            HashMap::try_from(map).map_err(|source| EbpfError::Map { map: name, source })?;
+        let mut n = 0;
+        for key in map.keys() {
+            key.map_err(|source| EbpfError::Map { map: name, source })?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     fn count<K: aya::Pod>(&self, name: &'static str) -> Result<usize, EbpfError> {
         let map = self
             .bpf

@@ -129,6 +129,38 @@ pub struct ProxyCounters {
     pub inbound_accepted: AtomicU64,
     /// Upstream connects that failed or timed out.
     pub connect_failures: AtomicU64,
+    /// Outbound connection tasks running now (up when the task starts, down when it ends,
+    /// however it ends).
+    pub active_outbound: AtomicU64,
+    /// Inbound connection tasks running now.
+    pub active_inbound: AtomicU64,
+}
+
+impl ProxyCounters {
+    /// The gauge of connections going `direction`.
+    pub fn active(&self, direction: ConnectionDirection) -> &AtomicU64 {
+        match direction {
+            ConnectionDirection::Outbound => &self.active_outbound,
+            ConnectionDirection::Inbound => &self.active_inbound,
+        }
+    }
+}
+
+/// Counts a connection task as active while it lives: every exit path, a panic and an abort
+/// (drain period over) drop it and take the connection off the gauge.
+struct ActiveGuard<'a>(&'a AtomicU64);
+
+impl<'a> ActiveGuard<'a> {
+    fn enter(gauge: &'a AtomicU64) -> Self {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        Self(gauge)
+    }
+}
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// What every connection task needs.
@@ -462,6 +494,7 @@ async fn handle_connection(
     direction: ConnectionDirection,
 ) {
     let accepted_at = Instant::now();
+    let _active = ActiveGuard::enter(shared.counters.active(direction));
     if let Err(e) = client.set_nodelay(true) {
         tracing::trace!(error = %e, "TCP_NODELAY on accepted socket");
     }
