@@ -361,6 +361,11 @@ impl Telemetry {
             &inner.rpc.server
         };
         histogram.record(elapsed.as_secs_f64(), &attrs);
+        if !outbound {
+            inner
+                .summary
+                .record_server_request(&attrs, elapsed, end.http_status, error.is_some());
+        }
 
         if let Some(mut span) = call.span.take() {
             if span.is_recording() {

@@ -258,6 +258,9 @@ impl Telemetry {
         let elapsed = end.end.duration_since(req.start).unwrap_or_default();
         inner.server.duration.record(elapsed.as_secs_f64(), &attrs);
         inner
+            .summary
+            .record_server_request(&attrs, elapsed, end.status, error.is_some());
+        inner
             .server
             .request_body
             .record(end.request_body_bytes, &attrs);
