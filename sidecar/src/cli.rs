@@ -1,12 +1,17 @@
-//! Command line: `sidecar run` and `sidecar check`, every flag with its environment variable.
+//! Command line: `sidecar run`, `sidecar config`, `sidecar check` and `sidecar top`; every flag
+//! of `run` with its environment variable and config-file key (see [`crate::config`]).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::config::{LoadError, Loaded};
+use crate::export::config::{ExportOptions, OtlpRawOptions};
 use crate::policy::{CidrSelection, CidrSet, PolicyConfig, PortSelection, PortSet};
+use crate::telemetry::resource::ResourceOptions;
 use crate::telemetry::sampling::{parse_ratio, SamplerKind};
 
 /// Exit code for invalid usage or configuration (EX_USAGE from sysexits.h).
@@ -16,10 +21,15 @@ pub const EXIT_USAGE: u8 = 64;
 ///
 /// Redirects the outbound TCP connections of a cgroup (the pod) to a local proxy, forwards them
 /// unchanged, measures every HTTP/1.x request (other TCP as connections) and exports metrics and
-/// traces over OTLP gRPC, or to a local OTLP-JSON file when no endpoint is configured.
+/// traces over OTLP (gRPC or http/protobuf), or to a local OTLP-JSON file when no endpoint is
+/// configured.
+///
+/// Every flag of `run` can also be set by its environment variable or in a TOML config file
+/// (`--config`); precedence: flag > environment variable > config file > default.
 #[derive(Debug, Parser)]
 #[command(name = "sidecar", version, propagate_version = true)]
 pub struct Cli {
+    /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
@@ -34,13 +44,77 @@ pub enum Command {
     /// Run it inside the pod's network namespace, from a cgroup of its own that is not the
     /// target cgroup (a sibling or a child of it, as a Kubernetes sidecar container is).
     Run(RunArgs),
+    /// Print the effective configuration of `sidecar run` (takes the same flags, environment
+    /// and config file) with the source of every value; exit 64 when it is invalid.
+    Config(ConfigArgs),
     /// Report each kernel feature the sidecar needs; exit non-zero when one is missing.
     Check,
+    /// Live terminal view of a running sidecar's traffic (from its admin server's `/stats`).
+    Top(crate::top::TopArgs),
 }
 
-/// Flags of `sidecar run`.
-#[derive(Debug, Args)]
+/// Format of the sidecar's own log lines (on stderr).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Output format of `sidecar config`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum ShowFormat {
+    /// `key = value  (source)` lines.
+    #[default]
+    Text,
+    /// One JSON document.
+    Json,
+}
+
+/// Flags of `sidecar config`: every flag of `run`, plus the output format.
+#[derive(Clone, Debug, Args)]
+pub struct ConfigArgs {
+    /// The configuration to show.
+    #[command(flatten)]
+    pub run: RunArgs,
+
+    /// Output format.
+    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = ShowFormat::Text)]
+    pub format: ShowFormat,
+}
+
+const OTLP: &str = "OTLP export (OpenTelemetry environment variables)";
+const RESOURCE: &str = "Resource (service and Kubernetes attributes)";
+const OPS: &str = "Configuration, logging and admin server";
+
+/// Flags of `sidecar run` (and `sidecar config`). Each can also come from its environment
+/// variable or from the config file, under its long name without `--`.
+#[derive(Clone, Debug, Args)]
 pub struct RunArgs {
+    /// TOML config file: top-level keys are the long flag names without `--`
+    /// (`outbound-port = 15001`). Flags and environment variables override it.
+    #[arg(long, env = "SIDECAR_CONFIG", value_name = "FILE", help_heading = OPS)]
+    pub config: Option<PathBuf>,
+
+    /// Address of the admin server (`/metrics`, `/healthz`, `/readyz`, `/stats`); port 0 picks
+    /// a free port.
+    #[arg(long, env = "SIDECAR_ADMIN_ADDR", value_name = "ADDR", default_value = "0.0.0.0:15020",
+          help_heading = OPS)]
+    pub admin_addr: SocketAddr,
+
+    /// Format of the sidecar's log lines on stderr.
+    #[arg(long, env = "SIDECAR_LOG_FORMAT", value_name = "FORMAT", value_enum,
+          default_value_t = LogFormat::Text, help_heading = OPS)]
+    pub log_format: LogFormat,
+
+    /// Log filter, as `RUST_LOG` directives: a level (`debug`) and/or `target=level` items,
+    /// comma-separated, e.g. `info,sidecar::proxy=debug`.
+    #[arg(long, env = "RUST_LOG", value_name = "FILTER", default_value = "info",
+          value_parser = parse_log_filter, help_heading = OPS)]
+    pub log_level: String,
+
     /// cgroup v2 directory whose processes' outbound TCP connections are redirected (the pod)
     /// [default: the parent of this container's own cgroup, found from /proc/self/cgroup; see
     /// --host-cgroup-root].
@@ -57,25 +131,185 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u16).range(1..))]
     pub outbound_port: u16,
 
-    /// OTLP gRPC endpoint of an OpenTelemetry Collector, e.g. http://otel-collector:4317.
-    /// Without it, telemetry goes to the local sink file and a periodic summary on stdout.
-    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL",
-          value_parser = parse_endpoint)]
+    /// OTLP endpoint of an OpenTelemetry Collector, e.g. http://otel-collector:4317 (gRPC) or
+    /// http://otel-collector:4318 (http/protobuf: `/v1/traces`, `/v1/metrics` are appended).
+    /// Without any endpoint, telemetry goes to the local sink file and a periodic summary.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL", help_heading = OTLP)]
     pub otlp_endpoint: Option<String>,
 
-    /// `service.name` resource attribute of the exported telemetry.
-    #[arg(long, env = "OTEL_SERVICE_NAME", value_name = "NAME")]
+    /// OTLP transport: `grpc` (default) or `http/protobuf`.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_PROTOCOL", value_name = "PROTOCOL", help_heading = OTLP)]
+    pub otlp_protocol: Option<String>,
+
+    /// Extra request headers / gRPC metadata: `key=value` pairs, comma-separated, values
+    /// percent-encoded. Values are secrets: never printed.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_HEADERS", value_name = "HEADERS", help_heading = OTLP, hide_env_values = true)]
+    pub otlp_headers: Option<String>,
+
+    /// Timeout of one export, in milliseconds [default: 10000].
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_TIMEOUT", value_name = "MS", help_heading = OTLP)]
+    pub otlp_timeout: Option<String>,
+
+    /// Request body compression: `gzip` or `none` (default).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_COMPRESSION", value_name = "COMPRESSION", help_heading = OTLP)]
+    pub otlp_compression: Option<String>,
+
+    /// PEM file of the CA certificate(s) that verify the collector [default: the system roots].
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_CERTIFICATE", value_name = "PEM", help_heading = OTLP)]
+    pub otlp_certificate: Option<PathBuf>,
+
+    /// PEM private key for mutual TLS to the collector.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_CLIENT_KEY", value_name = "PEM", help_heading = OTLP)]
+    pub otlp_client_key: Option<PathBuf>,
+
+    /// PEM certificate chain for mutual TLS to the collector.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", value_name = "PEM", help_heading = OTLP)]
+    pub otlp_client_certificate: Option<PathBuf>,
+
+    /// `true`: plaintext gRPC to an endpoint given without a scheme (default `false`: TLS).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_INSECURE", value_name = "BOOL", help_heading = OTLP)]
+    pub otlp_insecure: Option<String>,
+
+    /// OTLP endpoint for traces, used as is (no path appended).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", value_name = "URL", help_heading = OTLP)]
+    pub otlp_traces_endpoint: Option<String>,
+
+    /// OTLP transport for traces: `grpc` or `http/protobuf`.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", value_name = "PROTOCOL", help_heading = OTLP)]
+    pub otlp_traces_protocol: Option<String>,
+
+    /// Extra headers for traces exports (`key=value,...`); replaces the generic list.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_TRACES_HEADERS", value_name = "HEADERS", help_heading = OTLP, hide_env_values = true)]
+    pub otlp_traces_headers: Option<String>,
+
+    /// Timeout of one traces export, in milliseconds.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", value_name = "MS", help_heading = OTLP)]
+    pub otlp_traces_timeout: Option<String>,
+
+    /// Body compression of traces exports: `gzip` or `none`.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", value_name = "COMPRESSION", help_heading = OTLP)]
+    pub otlp_traces_compression: Option<String>,
+
+    /// CA certificate(s) (PEM) that verify the traces collector.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", value_name = "PEM", help_heading = OTLP)]
+    pub otlp_traces_certificate: Option<PathBuf>,
+
+    /// PEM private key for mutual TLS on traces exports.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", value_name = "PEM", help_heading = OTLP)]
+    pub otlp_traces_client_key: Option<PathBuf>,
+
+    /// PEM certificate chain for mutual TLS on traces exports.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE", value_name = "PEM", help_heading = OTLP)]
+    pub otlp_traces_client_certificate: Option<PathBuf>,
+
+    /// Like --otlp-insecure, for traces.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_TRACES_INSECURE", value_name = "BOOL", help_heading = OTLP)]
+    pub otlp_traces_insecure: Option<String>,
+
+    /// OTLP endpoint for metrics, used as is (no path appended).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", value_name = "URL", help_heading = OTLP)]
+    pub otlp_metrics_endpoint: Option<String>,
+
+    /// OTLP transport for metrics: `grpc` or `http/protobuf`.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", value_name = "PROTOCOL", help_heading = OTLP)]
+    pub otlp_metrics_protocol: Option<String>,
+
+    /// Extra headers for metrics exports (`key=value,...`); replaces the generic list.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_METRICS_HEADERS", value_name = "HEADERS", help_heading = OTLP, hide_env_values = true)]
+    pub otlp_metrics_headers: Option<String>,
+
+    /// Timeout of one metrics export, in milliseconds.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", value_name = "MS", help_heading = OTLP)]
+    pub otlp_metrics_timeout: Option<String>,
+
+    /// Body compression of metrics exports: `gzip` or `none`.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION", value_name = "COMPRESSION", help_heading = OTLP)]
+    pub otlp_metrics_compression: Option<String>,
+
+    /// CA certificate(s) (PEM) that verify the metrics collector.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE", value_name = "PEM", help_heading = OTLP)]
+    pub otlp_metrics_certificate: Option<PathBuf>,
+
+    /// PEM private key for mutual TLS on metrics exports.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_METRICS_CLIENT_KEY", value_name = "PEM", help_heading = OTLP)]
+    pub otlp_metrics_client_key: Option<PathBuf>,
+
+    /// PEM certificate chain for mutual TLS on metrics exports.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_METRICS_CLIENT_CERTIFICATE", value_name = "PEM", help_heading = OTLP)]
+    pub otlp_metrics_client_certificate: Option<PathBuf>,
+
+    /// Like --otlp-insecure, for metrics.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_METRICS_INSECURE", value_name = "BOOL", help_heading = OTLP)]
+    pub otlp_metrics_insecure: Option<String>,
+
+    /// Metric temporality of OTLP exports: `cumulative` (default), `delta` or `lowmemory`.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE",
+          value_name = "TEMPORALITY", help_heading = OTLP)]
+    pub otlp_metrics_temporality_preference: Option<String>,
+
+    /// `true`: no spans and no OTLP or sink export at all (the proxy still forwards and
+    /// `/metrics` still works).
+    #[arg(long, env = "OTEL_SDK_DISABLED", value_name = "BOOL", help_heading = OTLP)]
+    pub sdk_disabled: Option<String>,
+
+    /// Interval between metric exports, in milliseconds [default: 60000].
+    #[arg(long, env = "OTEL_METRIC_EXPORT_INTERVAL", value_name = "MS", help_heading = OTLP)]
+    pub metric_export_interval: Option<String>,
+
+    /// Timeout of one metric export, in milliseconds [default: 30000].
+    #[arg(long, env = "OTEL_METRIC_EXPORT_TIMEOUT", value_name = "MS", help_heading = OTLP)]
+    pub metric_export_timeout: Option<String>,
+
+    /// Delay between span batch exports, in milliseconds [default: 5000].
+    #[arg(long, env = "OTEL_BSP_SCHEDULE_DELAY", value_name = "MS", help_heading = OTLP)]
+    pub bsp_schedule_delay: Option<String>,
+
+    /// Bound of one span export, retries included, in milliseconds [default: 30000].
+    #[arg(long, env = "OTEL_BSP_EXPORT_TIMEOUT", value_name = "MS", help_heading = OTLP)]
+    pub bsp_export_timeout: Option<String>,
+
+    /// Spans queued for export at most; more are dropped and counted [default: 2048].
+    #[arg(long, env = "OTEL_BSP_MAX_QUEUE_SIZE", value_name = "N", help_heading = OTLP)]
+    pub bsp_max_queue_size: Option<String>,
+
+    /// Spans per export request at most [default: 512].
+    #[arg(long, env = "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", value_name = "N", help_heading = OTLP)]
+    pub bsp_max_export_batch_size: Option<String>,
+
+    /// `service.name` resource attribute [default: the `app.kubernetes.io/name` label, else the
+    /// owner's name, else the pod name].
+    #[arg(long, env = "OTEL_SERVICE_NAME", value_name = "NAME", help_heading = RESOURCE)]
     pub service_name: Option<String>,
 
-    /// Interval between metric exports, in milliseconds.
-    #[arg(long, env = "OTEL_METRIC_EXPORT_INTERVAL", value_name = "MS", default_value_t = 60_000,
-          value_parser = clap::value_parser!(u64).range(1..))]
-    pub metric_export_interval: u64,
+    /// More resource attributes: `key=value` pairs, comma-separated, values percent-encoded.
+    #[arg(long, env = "OTEL_RESOURCE_ATTRIBUTES", value_name = "ATTRS", help_heading = RESOURCE)]
+    pub resource_attributes: Option<String>,
 
-    /// Delay between span batch exports, in milliseconds.
-    #[arg(long, env = "OTEL_BSP_SCHEDULE_DELAY", value_name = "MS", default_value_t = 5_000,
-          value_parser = clap::value_parser!(u64).range(1..))]
-    pub bsp_schedule_delay: u64,
+    /// Pod name (Downward API `metadata.name`): `k8s.pod.name`.
+    #[arg(long, env = "K8S_POD_NAME", value_name = "NAME", help_heading = RESOURCE)]
+    pub k8s_pod_name: Option<String>,
+
+    /// Namespace (Downward API `metadata.namespace`): `k8s.namespace.name`.
+    #[arg(long, env = "K8S_NAMESPACE_NAME", value_name = "NAME", help_heading = RESOURCE)]
+    pub k8s_namespace_name: Option<String>,
+
+    /// Pod UID (Downward API `metadata.uid`): `k8s.pod.uid`.
+    #[arg(long, env = "K8S_POD_UID", value_name = "UID", help_heading = RESOURCE)]
+    pub k8s_pod_uid: Option<String>,
+
+    /// Node name (Downward API `spec.nodeName`): `k8s.node.name`.
+    #[arg(long, env = "K8S_NODE_NAME", value_name = "NAME", help_heading = RESOURCE)]
+    pub k8s_node_name: Option<String>,
+
+    /// Name of the application container the sidecar serves: `k8s.container.name`.
+    #[arg(long, env = "K8S_CONTAINER_NAME", value_name = "NAME", help_heading = RESOURCE)]
+    pub k8s_container_name: Option<String>,
+
+    /// The pod's labels as the Downward API writes them (`key="value"` lines); a missing file
+    /// means no labels.
+    #[arg(long, env = "SIDECAR_LABELS_FILE", value_name = "PATH",
+          default_value = "/etc/podinfo/labels", help_heading = RESOURCE)]
+    pub labels_file: PathBuf,
 
     /// Trace sampler: always_on, always_off, traceidratio, parentbased_always_on,
     /// parentbased_always_off or parentbased_traceidratio. Metrics are never sampled.
@@ -203,11 +437,17 @@ impl RunArgs {
         Duration::from_secs(self.drain_timeout)
     }
 
-    /// The sidecar's own ports (outbound and inbound listeners), never steered inbound.
+    /// The sidecar's own ports (outbound and inbound listeners, admin server), never steered
+    /// inbound.
     pub fn own_ports(&self) -> std::collections::BTreeSet<u16> {
-        [self.outbound_port, self.inbound_port]
-            .into_iter()
-            .collect()
+        [
+            self.outbound_port,
+            self.inbound_port,
+            self.admin_addr.port(),
+        ]
+        .into_iter()
+        .filter(|&p| p != 0)
+        .collect()
     }
 
     /// The interception policy as set by flags and environment.
@@ -232,6 +472,68 @@ impl RunArgs {
             include_inbound_ports: self.include_inbound_ports.clone(),
         }
     }
+
+    /// The raw export values, validated by [`ExportOptions::resolve`].
+    pub fn export_options(&self) -> ExportOptions {
+        ExportOptions {
+            generic: OtlpRawOptions {
+                endpoint: self.otlp_endpoint.clone(),
+                protocol: self.otlp_protocol.clone(),
+                headers: self.otlp_headers.clone(),
+                timeout: self.otlp_timeout.clone(),
+                compression: self.otlp_compression.clone(),
+                certificate: self.otlp_certificate.clone(),
+                client_key: self.otlp_client_key.clone(),
+                client_certificate: self.otlp_client_certificate.clone(),
+                insecure: self.otlp_insecure.clone(),
+            },
+            traces: OtlpRawOptions {
+                endpoint: self.otlp_traces_endpoint.clone(),
+                protocol: self.otlp_traces_protocol.clone(),
+                headers: self.otlp_traces_headers.clone(),
+                timeout: self.otlp_traces_timeout.clone(),
+                compression: self.otlp_traces_compression.clone(),
+                certificate: self.otlp_traces_certificate.clone(),
+                client_key: self.otlp_traces_client_key.clone(),
+                client_certificate: self.otlp_traces_client_certificate.clone(),
+                insecure: self.otlp_traces_insecure.clone(),
+            },
+            metrics: OtlpRawOptions {
+                endpoint: self.otlp_metrics_endpoint.clone(),
+                protocol: self.otlp_metrics_protocol.clone(),
+                headers: self.otlp_metrics_headers.clone(),
+                timeout: self.otlp_metrics_timeout.clone(),
+                compression: self.otlp_metrics_compression.clone(),
+                certificate: self.otlp_metrics_certificate.clone(),
+                client_key: self.otlp_metrics_client_key.clone(),
+                client_certificate: self.otlp_metrics_client_certificate.clone(),
+                insecure: self.otlp_metrics_insecure.clone(),
+            },
+            metrics_temporality: self.otlp_metrics_temporality_preference.clone(),
+            sdk_disabled: self.sdk_disabled.clone(),
+            metric_export_interval: self.metric_export_interval.clone(),
+            metric_export_timeout: self.metric_export_timeout.clone(),
+            bsp_schedule_delay: self.bsp_schedule_delay.clone(),
+            bsp_export_timeout: self.bsp_export_timeout.clone(),
+            bsp_max_queue_size: self.bsp_max_queue_size.clone(),
+            bsp_max_export_batch_size: self.bsp_max_export_batch_size.clone(),
+        }
+    }
+
+    /// The raw resource inputs, resolved by [`ResourceOptions::resolve`].
+    pub fn resource_options(&self) -> ResourceOptions {
+        ResourceOptions {
+            service_name: self.service_name.clone(),
+            resource_attributes: self.resource_attributes.clone(),
+            pod_name: self.k8s_pod_name.clone(),
+            namespace_name: self.k8s_namespace_name.clone(),
+            pod_uid: self.k8s_pod_uid.clone(),
+            node_name: self.k8s_node_name.clone(),
+            container_name: self.k8s_container_name.clone(),
+            labels_file: self.labels_file.clone(),
+            annotations_file: self.annotations_file.clone(),
+        }
+    }
 }
 
 fn parse_sampler(s: &str) -> Result<SamplerKind, String> {
@@ -250,32 +552,35 @@ fn parse_route_template(s: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
-fn parse_endpoint(s: &str) -> Result<String, String> {
-    let s = s.trim();
-    let rest = s
-        .strip_prefix("http://")
-        .or_else(|| s.strip_prefix("https://"))
-        .ok_or_else(|| format!("`{s}` is not an http:// or https:// URL"))?;
-    if rest.is_empty() || rest.starts_with('/') {
-        return Err(format!("`{s}` has no host"));
-    }
-    Ok(s.to_string())
+/// Accepts a `RUST_LOG`-style filter only when every directive parses.
+fn parse_log_filter(s: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::builder()
+        .parse(s)
+        .map(|_| s.trim().to_owned())
+        .map_err(|e| format!("not a valid log filter: {e}"))
+}
+
+/// The process environment as the configuration loader reads it (non-UTF-8 bytes replaced).
+fn process_env(name: &str) -> Option<String> {
+    std::env::var_os(name).map(|v| v.to_string_lossy().into_owned())
 }
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) => {
+    let loaded = match crate::config::load(std::env::args_os(), &process_env) {
+        Ok(loaded) => loaded,
+        Err(LoadError::Usage(e)) => {
             let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
             // Printing can only fail when stdout/stderr are gone; nothing better to do then.
             let _ = e.print();
             return ExitCode::from(code);
         }
+        Err(LoadError::Invalid(msg)) => return usage_error(&msg),
     };
-    init_logging();
-    match cli.command {
-        Command::Check => {
+    match loaded {
+        Loaded::Check => {
+            let filter = process_env("RUST_LOG").unwrap_or_default();
+            init_logging(LogFormat::Text, &filter);
             let report = crate::kernel::check();
             println!("{report}");
             if report.all_ok() {
@@ -285,25 +590,145 @@ pub fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-        Command::Run(args) => crate::run::main(args),
+        // No log subscriber: log lines on stderr would tear the terminal view.
+        Loaded::Top(args) => crate::top::main(args),
+        Loaded::Config { settings, format } => match settings.resolve() {
+            Ok(config) => {
+                use std::io::Write;
+                let text = crate::config::show::render(&settings, &config, format);
+                let mut out = std::io::stdout().lock();
+                // A closed stdout (`| head`) is not a configuration error.
+                let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+                ExitCode::SUCCESS
+            }
+            Err(msg) => usage_error(&msg),
+        },
+        Loaded::Run(settings) => match settings.resolve() {
+            Ok(config) => {
+                init_logging(config.args.log_format, &config.args.log_level);
+                crate::run::main(config)
+            }
+            Err(msg) => usage_error(&msg),
+        },
     }
 }
 
-fn init_logging() {
+fn usage_error(msg: &str) -> ExitCode {
+    eprintln!("sidecar: error: {msg}");
+    ExitCode::from(EXIT_USAGE)
+}
+
+/// Installs the global log subscriber: `filter` as `RUST_LOG` directives (`info` when empty or
+/// invalid; `run` and `config` reject invalid filters before this), text or JSON lines on
+/// stderr; text is coloured only when stderr is a terminal.
+pub fn init_logging(format: LogFormat, filter: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let filter = if filter.trim().is_empty() {
+        EnvFilter::new("info")
+    } else {
+        EnvFilter::builder()
+            .parse(filter)
+            .unwrap_or_else(|_| EnvFilter::new("info"))
+    };
+    // Colours only on a terminal: a log collector reading a pipe gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
+    use crate::config::{load, Settings, Source};
+    use crate::export::config::{OtlpProtocol, TemporalityPreference};
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("sidecar").chain(args.iter().copied()))
+    }
+
+    /// Loads `sidecar <args>` with exactly `env` as the environment.
+    fn load_with(args: &[&str], env: &[(&str, &str)]) -> Result<Loaded, LoadError> {
+        let env: BTreeMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let lookup = move |name: &str| env.get(name).cloned();
+        load(
+            std::iter::once("sidecar").chain(args.iter().copied()),
+            &lookup,
+        )
+    }
+
+    /// The settings of `sidecar run --cgroup /x <args>` with `env`.
+    fn settings(args: &[&str], env: &[(&str, &str)]) -> Settings {
+        let all: Vec<&str> = ["run", "--cgroup", "/x"]
+            .iter()
+            .chain(args)
+            .copied()
+            .collect();
+        match load_with(&all, env) {
+            Ok(Loaded::Run(s)) => s,
+            Ok(other) => panic!("expected run, got {other:?}"),
+            Err(e) => panic!("{args:?} {env:?}: {e}"),
+        }
+    }
+
+    fn run_args(args: &[&str]) -> RunArgs {
+        settings(args, &[]).args
+    }
+
+    /// The `sidecar: error: ...` message for `sidecar run --cgroup /x <args>` with `env`:
+    /// from loading or from the resolvers.
+    fn invalid(args: &[&str], env: &[(&str, &str)]) -> String {
+        let all: Vec<&str> = ["run", "--cgroup", "/x"]
+            .iter()
+            .chain(args)
+            .copied()
+            .collect();
+        match load_with(&all, env) {
+            Ok(Loaded::Run(s)) => match s.resolve() {
+                Ok(_) => panic!("{args:?} {env:?} accepted"),
+                Err(msg) => msg,
+            },
+            Ok(other) => panic!("expected run, got {other:?}"),
+            Err(LoadError::Invalid(msg)) => msg,
+            Err(LoadError::Usage(e)) => {
+                assert!(e.use_stderr(), "{args:?}: {e}");
+                e.to_string()
+            }
+        }
+    }
+
+    /// A config file with `text`, removed on drop.
+    struct TempToml(std::path::PathBuf);
+
+    impl TempToml {
+        fn new(name: &str, text: &str) -> Self {
+            let path = std::env::temp_dir().join(format!(
+                "sidecar-cli-test-{}-{name}.toml",
+                std::process::id()
+            ));
+            std::fs::write(&path, text).unwrap();
+            Self(path)
+        }
+
+        fn path(&self) -> &str {
+            self.0.to_str().unwrap()
+        }
+    }
+
+    impl Drop for TempToml {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
     }
 
     #[test]
@@ -314,46 +739,77 @@ mod tests {
 
     #[test]
     fn run_defaults() {
-        let cli = parse(&["run", "--cgroup", "/sys/fs/cgroup/pod"]).unwrap();
-        let Command::Run(args) = cli.command else {
-            panic!("expected run")
-        };
+        let s = settings(&[], &[]);
+        let args = &s.args;
         assert_eq!(args.outbound_port, 15001);
         assert_eq!(args.summary_interval, 10);
         assert_eq!(args.drain(), Duration::from_secs(5));
-        assert_eq!(args.cgroup, Some(PathBuf::from("/sys/fs/cgroup/pod")));
+        assert_eq!(args.cgroup, Some(PathBuf::from("/x")));
+        assert_eq!(args.admin_addr, "0.0.0.0:15020".parse().unwrap());
+        assert_eq!(args.log_format, LogFormat::Text);
+        assert_eq!(args.log_level, "info");
+        assert_eq!(args.labels_file, PathBuf::from("/etc/podinfo/labels"));
+        assert_eq!(args.export_options(), ExportOptions::default());
+        let port = s.get("outbound-port").unwrap();
+        assert_eq!(port.value.as_deref(), Some("15001"));
+        assert_eq!(port.source, Source::Default);
+        assert_eq!(port.env.as_deref(), Some("SIDECAR_OUTBOUND_PORT"));
+        assert_eq!(
+            s.get("cgroup").unwrap().source,
+            Source::Flag("--cgroup".into())
+        );
+        assert_eq!(s.get("otlp-endpoint").unwrap().value, None);
+
+        let resolved = s.resolve().unwrap();
+        assert_eq!(resolved.export.traces, None, "no endpoint: local sink");
+        assert_eq!(
+            resolved.export.metric_export_interval,
+            Duration::from_secs(60)
+        );
+        assert_eq!(resolved.export.batch.schedule_delay, Duration::from_secs(5));
+        let Loaded::Run(s) = load_with(&["run"], &[]).unwrap() else {
+            panic!("expected run")
+        };
+        assert_eq!(
+            s.args.cgroup, None,
+            "--cgroup is optional: discovered when absent"
+        );
     }
 
     #[test]
     fn rejects_bad_values_with_usage_errors() {
-        let Command::Run(args) = parse(&["run"]).unwrap().command else {
-            panic!("expected run")
-        };
-        assert_eq!(
-            args.cgroup, None,
-            "--cgroup is optional: discovered when absent"
-        );
-        assert!(parse(&["run", "--cgroup", "/x", "--outbound-port", "0"]).is_err());
-        assert!(parse(&["run", "--cgroup", "/x", "--outbound-port", "70000"]).is_err());
-        assert!(parse(&["run", "--cgroup", "/x", "--otlp-endpoint", "collector:4317"]).is_err());
-        assert!(parse(&["run", "--cgroup", "/x", "--metric-export-interval", "0"]).is_err());
-        assert!(parse(&["run", "--cgroup", "/x", "--bogus"]).is_err());
-    }
-
-    fn run_args(args: &[&str]) -> RunArgs {
-        let all: Vec<&str> = ["run", "--cgroup", "/x"]
-            .iter()
-            .chain(args)
-            .copied()
-            .collect();
-        match parse(&all).unwrap().command {
-            Command::Run(args) => args,
-            Command::Check => panic!("expected run"),
+        // Bad flag values: `sidecar: error: --flag: invalid value ...`, exit 64.
+        for (bad, problem) in [
+            (
+                &["--outbound-port", "0"][..],
+                "invalid value `0`: 0 is not in 1..=65535",
+            ),
+            (&["--outbound-port", "70000"], "invalid value `70000`"),
+            (&["--admin-addr", "localhost"], "invalid value `localhost`"),
+            (
+                &["--log-format", "xml"],
+                "invalid value `xml`; expected one of: text, json",
+            ),
+            (&["--log-level", "foo=bar"], "not a valid log filter"),
+        ] {
+            let msg = invalid(bad, &[]);
+            assert!(msg.starts_with(&format!("{}: ", bad[0])), "{bad:?}: {msg}");
+            assert!(msg.contains(problem), "{bad:?}: {msg}");
         }
-    }
-
-    fn ports(p: &[u16]) -> std::collections::BTreeSet<u16> {
-        p.iter().copied().collect()
+        // Other command-line mistakes stay clap's usage errors (also exit 64).
+        match load_with(&["run", "--bogus"], &[]) {
+            Err(LoadError::Usage(e)) => {
+                assert!(e.use_stderr());
+                assert!(e.to_string().contains("--bogus"));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Export values are validated by the resolver; the error names the flag.
+        let msg = invalid(&["--otlp-endpoint", "grpc://collector:4317"], &[]);
+        assert!(msg.starts_with("--otlp-endpoint: "), "{msg}");
+        assert!(msg.contains("grpc://collector:4317"), "{msg}");
+        let msg = invalid(&["--metric-export-interval", "0"], &[]);
+        assert!(msg.starts_with("--metric-export-interval: "), "{msg}");
     }
 
     #[test]
@@ -394,12 +850,16 @@ mod tests {
         assert_eq!(policy.exclude_inbound_ports, ports(&[9090]));
         assert_eq!(policy.include_inbound_ports, Some(PortSelection::All));
         assert_eq!(args.inbound_port, 16006);
-        assert_eq!(args.own_ports(), ports(&[15001, 16006]));
+        assert_eq!(args.own_ports(), ports(&[15001, 15020, 16006]));
         assert_eq!(
             args.annotations_file,
             PathBuf::from("/run/podinfo/annotations")
         );
         assert_eq!(args.host_cgroup_root, PathBuf::from("/host/sys/fs/cgroup"));
+    }
+
+    fn ports(p: &[u16]) -> std::collections::BTreeSet<u16> {
+        p.iter().copied().collect()
     }
 
     #[test]
@@ -435,14 +895,28 @@ mod tests {
             for item in *items {
                 assert!(text.contains(item), "{flag}: {item} not in {text}");
             }
+            // The same value from the environment is named by its variable.
+            if value.is_empty() {
+                continue; // an empty variable counts as unset
+            }
+            let var = format!(
+                "SIDECAR_{}",
+                flag.trim_start_matches('-')
+                    .replace('-', "_")
+                    .to_uppercase()
+            );
+            let msg = invalid(&[], &[(&var, value)]);
+            assert!(msg.starts_with(&format!("{var}: invalid value")), "{msg}");
+            for item in *items {
+                assert!(msg.contains(item), "{var}: {item} not in {msg}");
+            }
         }
         assert!(parse(&["run", "--cgroup", "/x", "--inbound-port", "0"]).is_err());
     }
 
     #[test]
     fn policy_flags_default_to_unset_and_read_the_environment() {
-        // The only test that sets these variables (tests run in parallel); all values valid.
-        let vars = [
+        let env = [
             ("SIDECAR_EXCLUDE_OUTBOUND_PORTS", "3306"),
             ("SIDECAR_EXCLUDE_OUTBOUND_CIDRS", "10.0.0.0/8"),
             ("SIDECAR_INCLUDE_OUTBOUND_CIDRS", "*"),
@@ -460,14 +934,9 @@ mod tests {
             PathBuf::from("/etc/podinfo/annotations")
         );
         assert_eq!(defaults.host_cgroup_root, PathBuf::from("/sys/fs/cgroup"));
-        for (k, v) in vars {
-            std::env::set_var(k, v);
-        }
-        let args = run_args(&[]);
-        let flag_wins = run_args(&["--exclude-outbound-ports", "25"]);
-        for (k, _) in vars {
-            std::env::remove_var(k);
-        }
+        let from_env = settings(&[], &env);
+        let args = &from_env.args;
+        let flag_wins = run_args_env(&["--exclude-outbound-ports", "25"], &env);
         let policy = args.policy_config();
         assert_eq!(policy.exclude_outbound_ports, ports(&[3306]));
         assert_eq!(policy.exclude_outbound_cidrs.len(), 1);
@@ -481,9 +950,21 @@ mod tests {
         assert_eq!(args.annotations_file, PathBuf::from("/a"));
         assert_eq!(args.host_cgroup_root, PathBuf::from("/h"));
         assert_eq!(
+            from_env.get("inbound-port").unwrap().source,
+            Source::Env("SIDECAR_INBOUND_PORT".into())
+        );
+        assert_eq!(
             flag_wins.policy_config().exclude_outbound_ports,
             ports(&[25])
         );
+        // An empty variable counts as unset.
+        let empty = settings(&[], &[("SIDECAR_INBOUND_PORT", "")]);
+        assert_eq!(empty.args.inbound_port, 15006);
+        assert_eq!(empty.get("inbound-port").unwrap().source, Source::Default);
+    }
+
+    fn run_args_env(args: &[&str], env: &[(&str, &str)]) -> RunArgs {
+        settings(args, env).args
     }
 
     #[test]
@@ -522,6 +1003,12 @@ mod tests {
                 .copied()
                 .collect();
             assert!(parse(&all).is_err(), "{bad:?} accepted");
+            // `-1` looks like a flag to clap: an unexpected-argument usage error.
+            let msg = invalid(bad, &[]);
+            assert!(
+                msg.starts_with(&format!("{}: invalid value", bad[0])) || msg.contains("'-1'"),
+                "{msg}"
+            );
         }
     }
 
@@ -539,21 +1026,17 @@ mod tests {
         assert_eq!(flags.traces_sampler, SamplerKind::TraceIdRatio);
         assert_eq!(flags.traces_sampler_arg, 0.5);
 
-        // The only test that sets these variables (tests run in parallel); all values valid.
-        let vars = [
+        let env = [
             ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
             ("OTEL_TRACES_SAMPLER_ARG", "0.25"),
         ];
-        for (k, v) in vars {
-            std::env::set_var(k, v);
-        }
-        let env = run_args(&[]);
-        let flag_wins = run_args(&["--traces-sampler", "always_off"]);
-        for (k, _) in vars {
-            std::env::remove_var(k);
-        }
-        assert_eq!(env.traces_sampler, SamplerKind::ParentBasedTraceIdRatio);
-        assert_eq!(env.traces_sampler_arg, 0.25);
+        let from_env = run_args_env(&[], &env);
+        let flag_wins = run_args_env(&["--traces-sampler", "always_off"], &env);
+        assert_eq!(
+            from_env.traces_sampler,
+            SamplerKind::ParentBasedTraceIdRatio
+        );
+        assert_eq!(from_env.traces_sampler_arg, 0.25);
         assert_eq!(flag_wins.traces_sampler, SamplerKind::AlwaysOff);
 
         let cases: &[(&str, &str, &[&str])] = &[
@@ -588,16 +1071,426 @@ mod tests {
                 assert!(text.contains(item), "{flag}: {item} not in {text}");
             }
         }
+        let msg = invalid(&[], &[("OTEL_TRACES_SAMPLER", "sometimes")]);
+        assert!(
+            msg.starts_with("OTEL_TRACES_SAMPLER: invalid value `sometimes`"),
+            "{msg}"
+        );
     }
 
     #[test]
-    fn endpoint_validation() {
+    fn endpoints_are_validated_through_the_resolver() {
+        let resolved = |endpoint: &str| {
+            settings(&["--otlp-endpoint", endpoint], &[])
+                .resolve()
+                .map(|c| c.export.traces.map(|t| t.endpoint))
+        };
         assert_eq!(
-            parse_endpoint(" http://127.0.0.1:4317 ").as_deref(),
-            Ok("http://127.0.0.1:4317")
+            resolved(" http://127.0.0.1:4317 ").unwrap().as_deref(),
+            Some("http://127.0.0.1:4317")
         );
-        assert!(parse_endpoint("https://collector.example:4317").is_ok());
-        assert!(parse_endpoint("http://").is_err());
-        assert!(parse_endpoint("grpc://x:4317").is_err());
+        assert!(resolved("https://collector.example:4317").is_ok());
+        for bad in ["http://", "grpc://x:4317"] {
+            let msg = resolved(bad).unwrap_err();
+            assert!(msg.starts_with("--otlp-endpoint: "), "{msg}");
+        }
+    }
+
+    #[test]
+    fn precedence_flag_over_env_over_file_over_default() {
+        let file = TempToml::new(
+            "precedence",
+            r#"
+outbound-port = 15101
+inbound-port = 15106
+connect-timeout = 3
+exclude-outbound-ports = [5432, "8000-8001"]
+exclude-inbound-ports = "9090"
+otlp-endpoint = "http://file:4317"
+otlp-protocol = "http/protobuf"
+otlp-compression = "gzip"
+service-name = "from-file"
+traces-sampler-arg = 0.5
+log-format = "json"
+"#,
+        );
+        let env = [
+            ("SIDECAR_CONFIG", file.path()),
+            ("SIDECAR_OUTBOUND_PORT", "15201"),
+            ("SIDECAR_INBOUND_PORT", "15206"),
+            ("SIDECAR_EXCLUDE_OUTBOUND_PORTS", "3306"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://env:4318"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ];
+        let s = settings(
+            &[
+                "--outbound-port",
+                "15301",
+                "--otlp-endpoint",
+                "http://flag:4318",
+            ],
+            &env,
+        );
+        let a = &s.args;
+        // Port: flag > env > file.
+        assert_eq!(a.outbound_port, 15301);
+        assert_eq!(a.inbound_port, 15206);
+        assert_eq!(a.connect_timeout, 3);
+        // List: env beats the file's array; the file's plain string applies.
+        assert_eq!(a.policy_config().exclude_outbound_ports, ports(&[3306]));
+        assert_eq!(a.policy_config().exclude_inbound_ports, ports(&[9090]));
+        // OTLP strings.
+        assert_eq!(a.otlp_endpoint.as_deref(), Some("http://flag:4318"));
+        assert_eq!(a.otlp_protocol.as_deref(), Some("grpc"));
+        assert_eq!(a.otlp_compression.as_deref(), Some("gzip"));
+        assert_eq!(a.service_name.as_deref(), Some("from-file"));
+        assert_eq!(a.traces_sampler_arg, 0.5);
+        assert_eq!(a.log_format, LogFormat::Json);
+        assert_eq!(a.summary_interval, 10, "default");
+        assert_eq!(a.config.as_deref(), Some(std::path::Path::new(file.path())));
+
+        let file_source = |key: &str| Source::File {
+            path: PathBuf::from(file.path()),
+            key: key.to_owned(),
+        };
+        let expect = [
+            ("config", Source::Env("SIDECAR_CONFIG".into())),
+            ("outbound-port", Source::Flag("--outbound-port".into())),
+            ("inbound-port", Source::Env("SIDECAR_INBOUND_PORT".into())),
+            ("connect-timeout", file_source("connect-timeout")),
+            (
+                "exclude-outbound-ports",
+                Source::Env("SIDECAR_EXCLUDE_OUTBOUND_PORTS".into()),
+            ),
+            (
+                "exclude-inbound-ports",
+                file_source("exclude-inbound-ports"),
+            ),
+            ("otlp-endpoint", Source::Flag("--otlp-endpoint".into())),
+            (
+                "otlp-protocol",
+                Source::Env("OTEL_EXPORTER_OTLP_PROTOCOL".into()),
+            ),
+            ("otlp-compression", file_source("otlp-compression")),
+            ("summary-interval", Source::Default),
+        ];
+        for (key, source) in expect {
+            assert_eq!(s.get(key).unwrap().source, source, "{key}");
+        }
+        assert_eq!(
+            s.get("inbound-port").unwrap().value.as_deref(),
+            Some("15206")
+        );
+
+        let resolved = s.resolve().unwrap();
+        let traces = resolved.export.traces.unwrap();
+        assert_eq!(traces.endpoint, "http://flag:4318");
+        assert_eq!(traces.protocol, OtlpProtocol::Grpc);
+        assert_eq!(traces.compression, crate::export::config::Compression::Gzip);
+        assert_eq!(
+            resolved.export.temporality,
+            TemporalityPreference::Cumulative
+        );
+
+        // Without the flags and env, the file's values apply; its array list too.
+        let only_file = settings(&["--config", file.path()], &[]);
+        assert_eq!(only_file.args.outbound_port, 15101);
+        assert_eq!(
+            only_file.args.policy_config().exclude_outbound_ports,
+            ports(&[5432, 8000, 8001])
+        );
+        assert_eq!(
+            only_file
+                .get("exclude-outbound-ports")
+                .unwrap()
+                .value
+                .as_deref(),
+            Some("5432,8000-8001")
+        );
+        assert_eq!(
+            only_file.get("config").unwrap().source,
+            Source::Flag("--config".into())
+        );
+        let t = only_file.resolve().unwrap().export.traces.unwrap();
+        assert_eq!(t.endpoint, "http://file:4317/v1/traces");
+        assert_eq!(t.protocol, OtlpProtocol::HttpProtobuf);
+    }
+
+    #[test]
+    fn config_file_errors_name_the_file_and_key() {
+        let cases: &[(&str, &str, &[&str])] = &[
+            (
+                "unknown",
+                "outbound-prot = 1\n",
+                &[
+                    "unknown key `outbound-prot`",
+                    "did you mean `outbound-port`",
+                ],
+            ),
+            (
+                "nested",
+                "[otlp]\nendpoint = \"x\"\n",
+                &["unknown key `otlp`"],
+            ),
+            (
+                "config",
+                "config = \"/other.toml\"\n",
+                &["key `config`", "cannot name another"],
+            ),
+            (
+                "type",
+                "outbound-port = [1, 2]\n",
+                &["key `outbound-port`", "found an array"],
+            ),
+            (
+                "table",
+                "routes = { a = 1 }\n",
+                &["key `routes`", "found a table"],
+            ),
+            (
+                "value",
+                "outbound-port = 0\n",
+                &["key `outbound-port`", "invalid value `0`"],
+            ),
+            (
+                "string",
+                "outbound-port = \"many\"\n",
+                &["key `outbound-port`", "invalid value `many`"],
+            ),
+            (
+                "list",
+                "exclude-outbound-ports = [80, \"http\"]\n",
+                &["key `exclude-outbound-ports`", "`http`"],
+            ),
+            (
+                "enum",
+                "log-format = \"xml\"\n",
+                &["key `log-format`", "`xml`", "text, json"],
+            ),
+            (
+                "filter",
+                "log-level = \"foo=bar\"\n",
+                &["key `log-level`", "`foo=bar`", "not a valid log filter"],
+            ),
+            (
+                "resolver",
+                "otlp-protocol = \"grpcx\"\n",
+                &["key `otlp-protocol`", "grpcx"],
+            ),
+            ("toml", "outbound-port = \n", &["not valid TOML", "line 1"]),
+            (
+                "duplicate",
+                "routes = \"/a\"\nroutes = \"/b\"\n",
+                &["not valid TOML"],
+            ),
+        ];
+        for (name, text, items) in cases {
+            let file = TempToml::new(&format!("err-{name}"), text);
+            let msg = invalid(&["--config", file.path()], &[]);
+            let prefix = format!("config file {}: ", file.path());
+            assert!(msg.starts_with(&prefix), "{name}: {msg}");
+            for item in *items {
+                assert!(msg.contains(item), "{name}: {item} not in {msg}");
+            }
+            // The same file named by the environment gives the same error.
+            assert_eq!(
+                invalid(&[], &[("SIDECAR_CONFIG", file.path())]),
+                msg,
+                "{name}"
+            );
+        }
+
+        let missing = "/nonexistent/sidecar.toml";
+        let msg = invalid(&["--config", missing], &[]);
+        assert!(
+            msg.starts_with("--config: cannot read the config file /nonexistent/sidecar.toml"),
+            "{msg}"
+        );
+        let msg = invalid(&[], &[("SIDECAR_CONFIG", missing)]);
+        assert!(msg.starts_with("SIDECAR_CONFIG: cannot read"), "{msg}");
+        let dir = std::env::temp_dir();
+        let msg = invalid(&["--config", dir.to_str().unwrap()], &[]);
+        assert!(msg.starts_with("--config: cannot read"), "{msg}");
+    }
+
+    #[test]
+    fn bad_values_are_named_by_their_source() {
+        let file = TempToml::new("bad-sources", "otlp-timeout = \"soon\"\n");
+        type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+        let cases: &[Case<'_>] = &[
+            (&["--otlp-timeout", "soon"], &[], "--otlp-timeout: "),
+            (
+                &[],
+                &[("OTEL_EXPORTER_OTLP_TIMEOUT", "soon")],
+                "OTEL_EXPORTER_OTLP_TIMEOUT: ",
+            ),
+            (&["--config", file.path()], &[], "key `otlp-timeout`: "),
+            (
+                &[],
+                &[("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpcx")],
+                "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: ",
+            ),
+            (
+                &["--otlp-metrics-compression", "zstd"],
+                &[],
+                "--otlp-metrics-compression: ",
+            ),
+            (
+                &[],
+                &[("OTEL_SDK_DISABLED", "perhaps")],
+                "OTEL_SDK_DISABLED: ",
+            ),
+            (
+                &[],
+                &[("OTEL_RESOURCE_ATTRIBUTES", "novalue")],
+                "OTEL_RESOURCE_ATTRIBUTES: ",
+            ),
+            (
+                &[],
+                &[("RUST_LOG", "foo=bar")],
+                "RUST_LOG: invalid value `foo=bar`",
+            ),
+            (
+                &[],
+                &[("SIDECAR_LOG_FORMAT", "xml")],
+                "SIDECAR_LOG_FORMAT: invalid value `xml`",
+            ),
+            (
+                &[],
+                &[("SIDECAR_ADMIN_ADDR", "nowhere")],
+                "SIDECAR_ADMIN_ADDR: invalid value `nowhere`",
+            ),
+        ];
+        for (args, env, expect) in cases {
+            let msg = invalid(args, env);
+            assert!(msg.contains(expect), "{args:?} {env:?}: {msg}");
+        }
+        // A flag wins over a bad environment value: nothing to complain about.
+        let s = settings(&["--log-format", "json"], &[("SIDECAR_LOG_FORMAT", "xml")]);
+        assert_eq!(s.args.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn header_values_never_appear() {
+        let secret = "s3cr3t-token";
+        let env = [(
+            "OTEL_EXPORTER_OTLP_HEADERS",
+            "authorization=Bearer%20s3cr3t-token",
+        )];
+        let s = settings(&["--otlp-endpoint", "http://c:4317"], &env);
+        let setting = s.get("otlp-headers").unwrap();
+        assert!(setting.secret);
+        assert_eq!(setting.display_value(), "<redacted>");
+        let config = s.resolve().unwrap();
+        let traces = config.export.traces.as_ref().unwrap();
+        assert_eq!(traces.headers[0].0, "authorization");
+        for format in [ShowFormat::Text, ShowFormat::Json] {
+            let out = crate::config::show::render(&s, &config, format);
+            assert!(!out.contains(secret), "{out}");
+            assert!(out.contains("authorization"), "{out}");
+            assert!(out.contains("<redacted>"), "{out}");
+        }
+        // Nor in errors about them.
+        let msg = invalid(
+            &[],
+            &[("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "a=b,s3cr3t-token")],
+        );
+        assert!(
+            msg.starts_with("OTEL_EXPORTER_OTLP_TRACES_HEADERS: "),
+            "{msg}"
+        );
+        assert!(!msg.contains(secret), "{msg}");
+    }
+
+    #[test]
+    fn config_subcommand_shows_values_and_sources() {
+        let file = TempToml::new("show", "inbound-port = 15106\nservice-name = \"shop\"\n");
+        let loaded = load_with(
+            &[
+                "config",
+                "--config",
+                file.path(),
+                "--outbound-port",
+                "15301",
+                "--format",
+                "json",
+            ],
+            &[
+                ("SIDECAR_DRAIN_TIMEOUT", "7"),
+                ("K8S_POD_NAME", "shop-7d4b9c-x2x9z"),
+            ],
+        )
+        .unwrap();
+        let Loaded::Config { settings, format } = loaded else {
+            panic!("expected config")
+        };
+        assert_eq!(format, ShowFormat::Json);
+        let config = settings.resolve().unwrap();
+        let json: serde_json::Value =
+            serde_json::from_str(&crate::config::show::render(&settings, &config, format)).unwrap();
+        let find = |key: &str| {
+            json["settings"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|s| s["key"] == key)
+                .unwrap()
+                .clone()
+        };
+        assert_eq!(find("outbound-port")["value"], "15301");
+        assert_eq!(find("outbound-port")["source"], "flag --outbound-port");
+        assert_eq!(find("drain-timeout")["source"], "env SIDECAR_DRAIN_TIMEOUT");
+        assert_eq!(
+            find("inbound-port")["source"],
+            format!("file {}", file.path())
+        );
+        assert_eq!(find("max-routes")["source"], "default");
+        assert_eq!(find("otlp-endpoint")["value"], serde_json::Value::Null);
+        let resource = json["resource"].as_array().unwrap();
+        assert!(resource
+            .iter()
+            .any(|a| a["key"] == "service.name" && a["value"] == "shop"));
+        assert!(resource
+            .iter()
+            .any(|a| a["key"] == "k8s.pod.name" && a["value"] == "shop-7d4b9c-x2x9z"));
+        assert_eq!(json["export"]["traces"], serde_json::Value::Null);
+
+        let text = crate::config::show::render(&settings, &config, ShowFormat::Text);
+        assert!(
+            text.contains("outbound-port = 15301  (flag --outbound-port)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("drain-timeout = 7  (env SIDECAR_DRAIN_TIMEOUT)"),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("inbound-port = 15106  (file {})", file.path())),
+            "{text}"
+        );
+        assert!(text.contains("max-routes = 100  (default)"), "{text}");
+        assert!(
+            text.contains("traces.endpoint = <none: local sink file>"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn other_subcommands_load() {
+        assert!(matches!(load_with(&["check"], &[]), Ok(Loaded::Check)));
+        assert!(matches!(load_with(&["top"], &[]), Ok(Loaded::Top(_))));
+        match load_with(&["run", "--help"], &[]) {
+            Err(LoadError::Usage(e)) => {
+                assert!(!e.use_stderr());
+                let help = e.to_string();
+                assert!(
+                    help.contains("SIDECAR_OUTBOUND_PORT"),
+                    "help lists env: {help}"
+                );
+                assert!(help.contains("--otlp-traces-endpoint"), "{help}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(load_with(&[], &[]), Err(LoadError::Usage(e)) if e.use_stderr()));
     }
 }

@@ -1,7 +1,9 @@
 //! The sidecar agent: loads the eBPF interception programs, runs the proxy that measures every
 //! request, and exports metrics and traces over OTLP.
 
+pub mod admin;
 pub mod cli;
+pub mod config;
 pub mod discover;
 pub mod ebpf;
 pub mod export;
@@ -13,3 +15,4 @@ pub mod protocol;
 pub mod proxy;
 pub mod run;
 pub mod telemetry;
+pub mod top;
