@@ -5,23 +5,36 @@
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use opentelemetry::metrics::MeterProvider as _;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::admin::prometheus::PrometheusReader;
+use crate::admin::stats::{ConnectionStats, KernelStats, Stats};
+use crate::admin::{AdminServer, AdminState, Readiness};
 use crate::cli::{RunArgs, EXIT_USAGE};
 use crate::discover;
 use crate::ebpf::{InterceptConfig, Interception};
+use crate::export::config::{ExportSettings, OtlpProtocol, SignalSettings};
 use crate::policy::{PolicyWatcher, WatchConfig};
 use crate::proxy::orig_dst::SoOriginalDst;
 use crate::proxy::{Proxy, ProxyConfig};
+use crate::telemetry::resource::ResourceAttribute;
+use crate::telemetry::selfobs::{self, MapFillFn, SelfSources};
 use crate::telemetry::{self, TelemetryConfig};
 
 /// Runs the sidecar until a stop signal; maps failures to exit codes.
-pub fn main(args: RunArgs) -> ExitCode {
+pub fn main(config: crate::config::RunConfig) -> ExitCode {
+    let crate::config::RunConfig {
+        args,
+        export,
+        resource,
+    } = config;
     // Check the cgroup paths before starting anything, so a typo is a usage error.
     if let Err(msg) = validate(&args) {
         eprintln!("sidecar: error: {msg}");
@@ -37,7 +50,7 @@ pub fn main(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(args)) {
+    match runtime.block_on(serve(args, export, resource)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
@@ -82,13 +95,24 @@ fn cgroups(args: &RunArgs) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
     ))
 }
 
-async fn serve(args: RunArgs) -> anyhow::Result<()> {
+async fn serve(
+    args: RunArgs,
+    export: ExportSettings,
+    resource: Vec<ResourceAttribute>,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    // The admin server first: `/healthz` answers while the rest starts, `/readyz` says why it
+    // is not ready yet.
+    let readiness = Arc::new(Readiness::default());
+    let admin = AdminServer::bind(args.admin_addr)
+        .await
+        .with_context(|| format!("cannot bind the admin server on {}", args.admin_addr))?;
+    let prometheus = PrometheusReader::new();
     let (target_cgroup, proxy_cgroup) = cgroups(&args)?;
     let tcfg = TelemetryConfig {
-        service_name: args.service_name.clone(),
-        otlp_endpoint: args.otlp_endpoint.clone(),
-        metric_export_interval: Duration::from_millis(args.metric_export_interval),
-        span_schedule_delay: Duration::from_millis(args.bsp_schedule_delay),
+        export: export.clone(),
+        resource: telemetry::resource::to_resource(&resource),
+        prometheus: Some(prometheus.clone()),
         sink_path: args.sink_file.clone(),
         summary_interval: (args.summary_interval > 0)
             .then(|| Duration::from_secs(args.summary_interval)),
@@ -102,13 +126,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     };
     let (telemetry, telemetry_guard) =
         telemetry::init(&tcfg).context("cannot start the telemetry pipeline")?;
-    match &args.otlp_endpoint {
-        Some(endpoint) => info!(%endpoint, "exporting OTLP over gRPC"),
-        None => info!(
-            sink = %args.sink_file.display(),
-            "no OTLP endpoint configured: writing OTLP-JSON lines to the local sink"
-        ),
-    }
+    log_export_destinations(&export, &args.sink_file);
 
     // Listeners first: the kernel programs only redirect to a proxy that is listening.
     let pcfg = ProxyConfig {
@@ -126,6 +144,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     let proxy = Proxy::bind(pcfg, Arc::new(SoOriginalDst), telemetry.clone())
         .await
         .context("cannot start the proxy listeners")?;
+    readiness.set_listeners_up();
 
     // The policy is resolved before the programs attach and applied right after, so the
     // exclusions hold from the first connections on.
@@ -152,6 +171,61 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         .take_observer()
         .context("cannot open the kernel TCP observation ring buffer")?;
     let interception = Arc::new(interception);
+    readiness.set_programs_attached();
+
+    // The sidecar's own instruments, and the admin endpoints. Both reach the interception
+    // through a weak reference so it can still be detached by value at exit.
+    let maps: MapFillFn = {
+        let weak = Arc::downgrade(&interception);
+        Arc::new(move || weak.upgrade().map(|i| i.map_fill()).unwrap_or_default())
+    };
+    selfobs::register(
+        &telemetry_guard.meter_provider().meter("sidecar"),
+        SelfSources {
+            proxy: proxy.counters(),
+            maps: Some(Arc::clone(&maps)),
+        },
+    );
+    let stats = {
+        let summary = Arc::clone(telemetry_guard.summary());
+        let counters = proxy.counters();
+        let export_stats = telemetry_guard.export_stats();
+        let readiness = Arc::clone(&readiness);
+        let telemetry = telemetry.clone();
+        Arc::new(move || Stats {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            uptime_secs: started.elapsed().as_secs_f64(),
+            ready: readiness.is_ready(),
+            draining: readiness.is_draining(),
+            connections: ConnectionStats {
+                active_outbound: counters.active_outbound.load(Ordering::Relaxed),
+                active_inbound: counters.active_inbound.load(Ordering::Relaxed),
+                accepted: counters.accepted.load(Ordering::Relaxed),
+                connect_failures: counters.connect_failures.load(Ordering::Relaxed),
+                orig_dst_failures: counters.orig_dst_failures.load(Ordering::Relaxed),
+            },
+            traffic: summary.snapshot(),
+            export: export_stats.snapshot(),
+            kernel: KernelStats {
+                ringbuf_overflows: telemetry.tcp_ringbuf_overflows_total(),
+                map_fill: maps()
+                    .into_iter()
+                    .map(|(name, entries, capacity)| (name, selfobs::fill_ratio(entries, capacity)))
+                    .collect(),
+            },
+            process: selfobs::process_stats(),
+        })
+    };
+    let stop_admin = CancellationToken::new();
+    let admin_addr = admin.local_addr();
+    let admin_task = admin.spawn(
+        AdminState {
+            readiness: Arc::clone(&readiness),
+            prometheus,
+            stats,
+        },
+        stop_admin.clone(),
+    );
 
     let stop_background = CancellationToken::new();
     let policy_task = tokio::spawn(apply_policy_changes(
@@ -165,11 +239,15 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         cgroup = %target_cgroup.display(),
         listeners = ?proxy.local_addrs(),
         inbound_port = args.inbound_port,
+        admin = %admin_addr,
         "sidecar ready: interception attached, proxy listening"
     );
 
     let shutdown = CancellationToken::new();
-    tokio::spawn(wait_for_stop_signal(shutdown.clone()));
+    tokio::spawn(wait_for_stop_signal(shutdown.clone(), {
+        let readiness = Arc::clone(&readiness);
+        move || readiness.set_draining()
+    }));
     let report = proxy.run(shutdown, args.drain()).await;
     info!(
         drained = report.drained,
@@ -192,8 +270,40 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         Ok(interception) => interception.detach(),
         Err(_) => warn!("interception still referenced at exit; the kernel detaches it on exit"),
     }
+    // The admin server goes last, so `/readyz` reports the drain until the end.
+    stop_admin.cancel();
+    if let Err(e) = admin_task.await {
+        warn!("admin server task failed: {e}");
+    }
     info!("interception detached; bye");
     Ok(())
+}
+
+/// Logs where each signal goes.
+fn log_export_destinations(export: &ExportSettings, sink: &std::path::Path) {
+    if export.disabled {
+        info!("OTEL_SDK_DISABLED: no spans and no OTLP export (the admin /metrics still works)");
+        return;
+    }
+    let describe = |signal: &str, s: Option<&SignalSettings>| match s {
+        Some(s) => info!(
+            signal,
+            endpoint = %s.endpoint,
+            protocol = match s.protocol {
+                OtlpProtocol::Grpc => "grpc",
+                OtlpProtocol::HttpProtobuf => "http/protobuf",
+            },
+            tls = s.tls.is_some(),
+            "exporting OTLP"
+        ),
+        None => info!(
+            signal,
+            sink = %sink.display(),
+            "no OTLP endpoint for this signal: writing OTLP-JSON lines to the local sink"
+        ),
+    };
+    describe("traces", export.traces.as_ref());
+    describe("metrics", export.metrics.as_ref());
 }
 
 /// Writes every new policy into the kernel maps until stopped.
@@ -219,7 +329,35 @@ async fn apply_policy_changes(
     }
 }
 
-async fn wait_for_stop_signal(shutdown: CancellationToken) {
+/// Exit status after a second stop signal: 128 + the signal number, as a shell reports a
+/// process killed by it.
+fn forced_exit_code(kind: StopSignal) -> i32 {
+    128 + match kind {
+        StopSignal::Term => libc::SIGTERM,
+        StopSignal::Int => libc::SIGINT,
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum StopSignal {
+    Term,
+    Int,
+}
+
+async fn next_stop_signal(
+    term: &mut tokio::signal::unix::Signal,
+    int: &mut tokio::signal::unix::Signal,
+) -> StopSignal {
+    tokio::select! {
+        _ = term.recv() => StopSignal::Term,
+        _ = int.recv() => StopSignal::Int,
+    }
+}
+
+/// Cancels `shutdown` on the first SIGTERM/SIGINT (and marks the sidecar not ready); a second
+/// one exits the process at once, without draining or flushing. The kernel detaches the
+/// programs when the process's links close.
+async fn wait_for_stop_signal(shutdown: CancellationToken, on_first: impl FnOnce()) {
     use tokio::signal::unix::{signal, SignalKind};
     let (mut term, mut int) = match (
         signal(SignalKind::terminate()),
@@ -232,9 +370,20 @@ async fn wait_for_stop_signal(shutdown: CancellationToken) {
             return;
         }
     };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: stopping (new connections now go direct)"),
-        _ = int.recv() => info!("SIGINT: stopping (new connections now go direct)"),
-    }
+    let first = next_stop_signal(&mut term, &mut int).await;
+    info!(
+        signal = ?first,
+        "{}: stopping (new connections now go direct; a second signal exits at once)",
+        match first {
+            StopSignal::Term => "SIGTERM",
+            StopSignal::Int => "SIGINT",
+        }
+    );
+    on_first();
     shutdown.cancel();
+    let second = next_stop_signal(&mut term, &mut int).await;
+    let code = forced_exit_code(second);
+    warn!(signal = ?second, code, "second stop signal: exiting now without draining");
+    eprintln!("sidecar: second stop signal: exiting now (code {code})");
+    std::process::exit(code);
 }

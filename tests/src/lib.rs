@@ -2,6 +2,7 @@
 //! sidecar binary as a process and an in-test OTLP receiver. Everything created is owned by a
 //! guard that cleans up on drop, also when a test panics.
 
+pub mod admin;
 pub mod cgroup;
 pub mod cmd;
 pub mod error;
@@ -15,6 +16,7 @@ pub mod process;
 pub mod sidecar;
 pub mod ss;
 pub mod tempdir;
+pub mod tmux;
 pub mod traceparent;
 pub mod venv;
 pub mod world;

@@ -11,6 +11,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use sidecar_tests::admin::{self, ADMIN_PORT};
 use sidecar_tests::cgroup::attached_programs;
 use sidecar_tests::otlp::{MetricKind, ReceivedMetric, ReceivedSpan};
 use sidecar_tests::peers::{self, parse_summary, EchoSummary, PeerRequest, UdpSummary};
@@ -524,6 +525,12 @@ async fn sigterm_drains_in_flight_requests_then_exits_clean() {
     while !t.sidecar.log().contains("SIGTERM") && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Draining: alive but no longer ready (kubelet stops sending traffic).
+    let ready = admin::get(&t.world.pod, ADMIN_PORT, "/readyz").expect("GET /readyz");
+    assert_eq!(ready.status, 503, "/readyz while draining: {ready:?}");
+    assert!(ready.body.contains("draining"), "{ready:?}");
+    let health = admin::get(&t.world.pod, ADMIN_PORT, "/healthz").expect("GET /healthz");
+    assert_eq!(health.status, 200, "/healthz while draining: {health:?}");
     std::thread::sleep(Duration::from_millis(300));
     let after = id("after");
     curl_ok(&t.world, &[&t.world.url(&format!("/bytes/8?id={after}"))]);
@@ -565,6 +572,59 @@ async fn sigterm_drains_in_flight_requests_then_exits_clean() {
     // Telemetry was flushed before exit: the drained request's span arrived.
     let span = client_span(&t.rx, &slow).await;
     assert_eq!(span.attributes.int("http.response.status_code"), Some(200));
+}
+
+// 9b
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_signal_exits_at_once_and_the_kernel_detaches() {
+    let mut t = setup("sigterm2");
+    let ready = admin::get(&t.world.pod, ADMIN_PORT, "/readyz").expect("GET /readyz");
+    assert_eq!(ready.status, 200, "/readyz once started: {ready:?}");
+    let slow = id("slow2");
+    let slow_url = t.world.url(&format!("/slow?ms=20000&id={slow}"));
+    let _slow_curl = t
+        .world
+        .spawn_app(
+            "slow-curl2",
+            "curl",
+            &["-sS", "--max-time", "30", &slow_url],
+        )
+        .expect("starting the slow request");
+    t.world
+        .http
+        .wait_for_request(&slow, Duration::from_secs(10))
+        .expect("the slow request reaches the server");
+
+    t.sidecar.terminate().expect("first SIGTERM");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !t.sidecar.log().contains("SIGTERM") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(t.sidecar_running(), "the first signal must drain, not exit");
+    let second = Instant::now();
+    t.sidecar.interrupt().expect("second signal (SIGINT)");
+    let exit = t
+        .sidecar
+        .wait_exit(Duration::from_secs(5))
+        .expect("waiting for the sidecar")
+        .unwrap_or_else(|| panic!("sidecar still draining 5 s after a second signal"));
+    assert!(
+        second.elapsed() < Duration::from_secs(3),
+        "a second signal must exit at once, took {:?}",
+        second.elapsed()
+    );
+    assert_eq!(
+        exit.code(),
+        Some(130),
+        "128 + SIGINT: {exit}\n{}",
+        t.sidecar.log()
+    );
+    assert!(
+        t.sidecar.log().contains("second stop signal"),
+        "{}",
+        t.sidecar.log()
+    );
+    assert_nothing_attached(&world_cgroups(&t.world));
 }
 
 // 10

@@ -34,6 +34,10 @@ const PEER_PACKAGES: &[&str] = &[
     "nghttp2-client",
     "nghttp2-server",
     "nghttp2-proxy",
+    // promtool and a real Prometheus server for the admin server's /metrics tests.
+    "prometheus",
+    // The terminal `sidecar top` is tested in.
+    "tmux",
 ];
 
 /// Runs every set-up step; each one skips what is already present.

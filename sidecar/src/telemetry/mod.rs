@@ -21,9 +21,11 @@ use crate::export::summary::Summary;
 use crate::protocol::tls::TlsInfo;
 
 mod pipeline;
+pub mod resource;
 pub mod route;
 pub mod rpc;
 pub mod sampling;
+pub mod selfobs;
 pub mod semconv;
 mod server;
 mod tcp;

@@ -125,6 +125,8 @@ pub(super) struct TcpInstruments {
     connection_duration: Histogram<f64>,
     connect_duration: Histogram<f64>,
     overflows: Counter<u64>,
+    /// Total behind `overflows`, for `/stats`.
+    overflows_total: std::sync::atomic::AtomicU64,
 }
 
 impl TcpInstruments {
@@ -168,6 +170,7 @@ impl TcpInstruments {
                 .with_unit("{record}")
                 .with_description("TCP observation records lost because the ring buffer was full.")
                 .build(),
+            overflows_total: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
@@ -196,6 +199,7 @@ fn base_attributes(obs: &TcpObservation) -> Vec<KeyValue> {
 impl Telemetry {
     /// Records one kernel TCP observation on the `sidecar.tcp.*` instruments.
     pub fn tcp_observed(&self, obs: &TcpObservation) {
+        self.inner.summary.record_tcp(obs);
         let tcp = &self.inner.tcp;
         let mut attrs = base_attributes(obs);
         tcp.retransmits.add(u64::from(obs.retransmits), &attrs);
@@ -223,7 +227,19 @@ impl Telemetry {
     pub fn tcp_ringbuf_overflows(&self, lost: u64) {
         if lost > 0 {
             self.inner.tcp.overflows.add(lost, &[]);
+            self.inner
+                .tcp
+                .overflows_total
+                .fetch_add(lost, std::sync::atomic::Ordering::Relaxed);
         }
+    }
+
+    /// Observation records lost so far (the total of `sidecar.tcp.ringbuf.overflows`).
+    pub fn tcp_ringbuf_overflows_total(&self) -> u64 {
+        self.inner
+            .tcp
+            .overflows_total
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -400,6 +416,7 @@ mod tests {
         assert!(tt.metric_points(METRIC_TCP_RINGBUF_OVERFLOWS).is_empty());
         t.tcp_ringbuf_overflows(5);
         t.tcp_ringbuf_overflows(2);
+        assert_eq!(t.tcp_ringbuf_overflows_total(), 7);
         let points = tt.metric_points(METRIC_TCP_RINGBUF_OVERFLOWS);
         assert_eq!(points.len(), 1);
         assert_eq!(points[0].unit, "{record}");
