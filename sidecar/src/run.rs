@@ -40,6 +40,7 @@ pub fn main(config: crate::config::RunConfig) -> ExitCode {
         eprintln!("sidecar: error: {msg}");
         return ExitCode::from(EXIT_USAGE);
     }
+    scrub_exporter_environment();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -57,6 +58,24 @@ pub fn main(config: crate::config::RunConfig) -> ExitCode {
             eprintln!("sidecar: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Removes the `OTEL_EXPORTER_OTLP_*` variables from this process's environment. The exporters
+/// get every setting explicitly, resolved with the documented precedence (flag > environment >
+/// file); the OTLP crate would otherwise also read some of these variables itself (headers,
+/// timeout, insecure) and mix them in behind a flag or the config file. Runs before the async
+/// runtime exists, while the process has one thread.
+fn scrub_exporter_environment() {
+    let names: Vec<std::ffi::OsString> = std::env::vars_os()
+        .map(|(name, _)| name)
+        .filter(|name| {
+            name.to_str()
+                .is_some_and(|n| n.starts_with("OTEL_EXPORTER_OTLP_"))
+        })
+        .collect();
+    for name in names {
+        std::env::remove_var(name);
     }
 }
 

@@ -184,13 +184,14 @@ async fn grpc_over_tls_from_a_config_file_under_environment_and_flags() {
         .start_in(&world.pod)
         .await
         .expect("starting the receiver");
-    // The file sets a wrong endpoint and headers: the flag and the environment win over it;
-    // its compression and service name apply.
+    // The file sets a wrong endpoint: the flag wins over it; its compression, service name and
+    // resource attributes apply. Headers come from the flag, above the environment's: none of
+    // the environment's may leak in (the OTLP crate would read the variable itself).
     let config = world.dir.path().join("sidecar.toml");
     std::fs::write(
         &config,
         "otlp-endpoint = \"http://127.0.0.1:9\"\n\
-         otlp-headers = \"x-from=file\"\n\
+         otlp-headers = \"x-from=file,x-file-only=1\"\n\
          otlp-compression = \"gzip\"\n\
          service-name = \"from-file\"\n\
          resource-attributes = [\"deployment.environment.name=e2e\", \"team=edge\"]\n",
@@ -205,9 +206,14 @@ async fn grpc_over_tls_from_a_config_file_under_environment_and_flags() {
             &config.to_string_lossy(),
             "--otlp-endpoint",
             &endpoint,
+            "--otlp-headers",
+            "x-from=flag",
         ],
         &[
-            ("OTEL_EXPORTER_OTLP_HEADERS", "x-from=env".to_owned()),
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "x-from=env,x-env-only=1".to_owned(),
+            ),
             (
                 "OTEL_EXPORTER_OTLP_CERTIFICATE",
                 files.ca.to_string_lossy().into_owned(),
@@ -228,7 +234,9 @@ async fn grpc_over_tls_from_a_config_file_under_environment_and_flags() {
     for req in reqs {
         assert_eq!(req.transport, Transport::Grpc, "{req:?}");
         assert!(req.gzip, "not gzip-compressed: {req:?}");
-        assert_eq!(req.header("x-from"), Some("env"), "{req:?}");
+        assert_eq!(req.header("x-from"), Some("flag"), "{req:?}");
+        assert_eq!(req.header("x-env-only"), None, "{req:?}");
+        assert_eq!(req.header("x-file-only"), None, "{req:?}");
         assert_eq!(
             req.client_cert, None,
             "no client certificate was configured"

@@ -15,12 +15,13 @@
 //! export at `OTEL_BSP_EXPORT_TIMEOUT` and [`Counted`] cuts a metric export at
 //! `OTEL_METRIC_EXPORT_TIMEOUT`.
 //!
-//! Known limitation: opentelemetry-otlp also reads `OTEL_EXPORTER_OTLP_[SIGNAL_]HEADERS` (merged
-//! over the configured headers, same names win) and `..._COMPRESSION` (used only when the
-//! configured compression is `none`) from the process environment. The values resolved by
-//! [`ExportOptions::resolve`](super::config::ExportOptions::resolve) come from that same
-//! environment unless a flag or the config file overrides them, so this only matters when an
-//! environment variable and a flag disagree.
+//! opentelemetry-otlp also reads `OTEL_EXPORTER_OTLP_[SIGNAL_]HEADERS` (merged over the
+//! configured headers), `..._COMPRESSION`, `..._TIMEOUT` and `..._INSECURE` from the process
+//! environment. `sidecar run` removes every `OTEL_EXPORTER_OTLP_*` variable from its own
+//! environment once the configuration is resolved (`crate::run`), so only the values resolved
+//! by [`ExportOptions::resolve`](super::config::ExportOptions::resolve), with their documented
+//! precedence, reach the exporters; `e2e_export` checks that flag headers are not mixed with
+//! the environment's.
 
 use std::collections::HashMap;
 use std::fmt;
