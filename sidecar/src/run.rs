@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -127,6 +127,34 @@ async fn serve(
         .await
         .with_context(|| format!("cannot bind the admin server on {}", args.admin_addr))?;
     let prometheus = PrometheusReader::new();
+    // `/stats` answers from the start: the version, uptime and readiness until the proxy and
+    // the programs are up, everything once they are.
+    let full_stats: Arc<OnceLock<StatsFn>> = Arc::new(OnceLock::new());
+    let early_stats: StatsFn = {
+        let slot = Arc::clone(&full_stats);
+        let readiness = Arc::clone(&readiness);
+        Arc::new(move || match slot.get() {
+            Some(full) => full(),
+            None => Stats {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                uptime_secs: started.elapsed().as_secs_f64(),
+                ready: readiness.is_ready(),
+                draining: readiness.is_draining(),
+                process: selfobs::process_stats(),
+                ..Stats::default()
+            },
+        })
+    };
+    let stop_admin = CancellationToken::new();
+    let admin_addr = admin.local_addr();
+    let admin_task = admin.spawn(
+        AdminState {
+            readiness: Arc::clone(&readiness),
+            prometheus: prometheus.clone(),
+            stats: early_stats,
+        },
+        stop_admin.clone(),
+    );
     let (target_cgroup, proxy_cgroup) = cgroups(&args)?;
     let tcfg = TelemetryConfig {
         export: export.clone(),
@@ -205,7 +233,7 @@ async fn serve(
             maps: Some(Arc::clone(&maps)),
         },
     );
-    let stats = {
+    let stats: StatsFn = {
         let summary = Arc::clone(telemetry_guard.summary());
         let counters = proxy.counters();
         let export_stats = telemetry_guard.export_stats();
@@ -235,16 +263,8 @@ async fn serve(
             process: selfobs::process_stats(),
         })
     };
-    let stop_admin = CancellationToken::new();
-    let admin_addr = admin.local_addr();
-    let admin_task = admin.spawn(
-        AdminState {
-            readiness: Arc::clone(&readiness),
-            prometheus,
-            stats,
-        },
-        stop_admin.clone(),
-    );
+    // Only this function sets it, once.
+    let _ = full_stats.set(stats);
 
     let stop_background = CancellationToken::new();
     let policy_task = tokio::spawn(apply_policy_changes(
@@ -297,6 +317,9 @@ async fn serve(
     info!("interception detached; bye");
     Ok(())
 }
+
+/// Builds the `/stats` document.
+type StatsFn = Arc<dyn Fn() -> Stats + Send + Sync>;
 
 /// Logs where each signal goes.
 fn log_export_destinations(export: &ExportSettings, sink: &std::path::Path) {

@@ -10,6 +10,9 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use std::io::Write as _;
+
+use sidecar_tests::admin::{self, ADMIN_PORT};
 use sidecar_tests::otlp::{RequestInfo, Signal, TestCa, Transport};
 use sidecar_tests::{prereq, OtlpReceiver, PodWorld, Sidecar, SidecarConfig};
 
@@ -169,6 +172,51 @@ async fn http_protobuf_with_mtls_gzip_headers_and_the_kubernetes_resource() {
             );
         }
     }
+    // The binary's own /metrics: accepted by promtool without lint findings, with the resource
+    // as target_info and the request's histogram under its Prometheus name.
+    let metrics = admin::get(&t.world.pod, ADMIN_PORT, "/metrics").expect("GET /metrics");
+    assert_eq!(metrics.status, 200, "{metrics:?}");
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running promtool (Debian package prometheus; cargo xtask setup installs it)");
+    promtool
+        .stdin
+        .take()
+        .expect("promtool stdin")
+        .write_all(metrics.body.as_bytes())
+        .expect("writing to promtool");
+    let checked = promtool.wait_with_output().expect("promtool output");
+    let findings = format!(
+        "{}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    assert!(
+        checked.status.success() && findings.trim().is_empty(),
+        "promtool check metrics: {:?}\n{findings}",
+        checked.status
+    );
+    assert!(
+        admin::prometheus_sum(
+            &metrics.body,
+            "http_client_request_duration_seconds_count",
+            &["http_request_method=\"GET\""]
+        ) >= 1.0,
+        "{}",
+        metrics.body
+    );
+    assert!(
+        metrics.body.lines().any(
+            |l| l.starts_with("target_info{") && l.contains("k8s_deployment_name=\"checkout\"")
+        ),
+        "{}",
+        metrics.body
+    );
+
     // Header values are secrets: never in the log.
     assert!(!t.sidecar.log().contains("s3cret"), "{}", t.sidecar.log());
 }

@@ -78,5 +78,8 @@ pub fn run(_args: &TestArgs) -> Result<()> {
 
 fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
     eprintln!("\n=== {name}");
-    f().with_context(|| format!("step failed: {name}"))
+    let started = std::time::Instant::now();
+    let result = f().with_context(|| format!("step failed: {name}"));
+    eprintln!("--- {name}: {:.0} s", started.elapsed().as_secs_f64());
+    result
 }
