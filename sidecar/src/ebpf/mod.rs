@@ -408,18 +408,7 @@ impl Interception {
     }
 
     fn count<K: aya::Pod>(&self, name: &'static str) -> Result<usize, EbpfError> {
-        let map = self
-            .bpf
-            .map(name)
-            .ok_or(EbpfError::Missing { kind: "map", name })?;
-        let map: HashMap<_, K, SockAddr> =
-            HashMap::try_from(map).map_err(|source| EbpfError::Map { map: name, source })?;
-        let mut n = 0;
-        for key in map.keys() {
-            key.map_err(|source| EbpfError::Map { map: name, source })?;
-            n += 1;
-        }
-        Ok(n)
+        self.count_entries::<K, SockAddr>(name)
     }
 }
 

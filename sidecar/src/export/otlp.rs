@@ -31,8 +31,7 @@ use std::time::{Duration, Instant};
 
 use hyper_rustls::ConfigBuilderExt as _;
 use opentelemetry_otlp::{
-    ExporterBuildError, Protocol, RetryPolicy, WithExportConfig as _, WithHttpConfig as _,
-    WithTonicConfig as _,
+    ExporterBuildError, Protocol, RetryPolicy, WithExportConfig, WithHttpConfig, WithTonicConfig,
 };
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData, ResourceMetrics};
@@ -295,35 +294,8 @@ pub fn span_exporter(
 ) -> Result<Counted<opentelemetry_otlp::SpanExporter>, ExportBuildError> {
     let builder = opentelemetry_otlp::SpanExporter::builder();
     let exporter = match s.protocol {
-        OtlpProtocol::Grpc => {
-            let mut b = builder
-                .with_tonic()
-                .with_endpoint(s.endpoint.clone())
-                .with_timeout(s.timeout)
-                .with_metadata(metadata(&s.headers)?)
-                .with_retry_policy(retry_policy());
-            if s.compression == Compression::Gzip {
-                b = b.with_compression(opentelemetry_otlp::Compression::Gzip);
-            }
-            if let Some(tls) = &s.tls {
-                b = b.with_tls_config(tonic_tls(tls)?);
-            }
-            b.build()?
-        }
-        OtlpProtocol::HttpProtobuf => {
-            let mut b = builder
-                .with_http()
-                .with_protocol(Protocol::HttpBinary)
-                .with_endpoint(s.endpoint.clone())
-                .with_timeout(s.timeout)
-                .with_headers(http_headers(&s.headers))
-                .with_http_client(http_client(s)?)
-                .with_retry_policy(retry_policy());
-            if s.compression == Compression::Gzip {
-                b = b.with_compression(opentelemetry_otlp::Compression::Gzip);
-            }
-            b.build()?
-        }
+        OtlpProtocol::Grpc => tonic_settings(builder.with_tonic(), s)?.build()?,
+        OtlpProtocol::HttpProtobuf => http_settings(builder.with_http(), s)?.build()?,
     };
     Ok(Counted::new(
         exporter,
@@ -343,38 +315,14 @@ pub fn metric_exporter(
 ) -> Result<Counted<opentelemetry_otlp::MetricExporter>, ExportBuildError> {
     let runtime = tokio::runtime::Handle::try_current().map_err(|_| ExportBuildError::NoRuntime)?;
     let builder = opentelemetry_otlp::MetricExporter::builder();
+    let temporality = self::temporality(temporality);
     let exporter = match s.protocol {
-        OtlpProtocol::Grpc => {
-            let mut b = builder
-                .with_tonic()
-                .with_endpoint(s.endpoint.clone())
-                .with_timeout(s.timeout)
-                .with_metadata(metadata(&s.headers)?)
-                .with_retry_policy(retry_policy())
-                .with_temporality(self::temporality(temporality));
-            if s.compression == Compression::Gzip {
-                b = b.with_compression(opentelemetry_otlp::Compression::Gzip);
-            }
-            if let Some(tls) = &s.tls {
-                b = b.with_tls_config(tonic_tls(tls)?);
-            }
-            b.build()?
-        }
-        OtlpProtocol::HttpProtobuf => {
-            let mut b = builder
-                .with_http()
-                .with_protocol(Protocol::HttpBinary)
-                .with_endpoint(s.endpoint.clone())
-                .with_timeout(s.timeout)
-                .with_headers(http_headers(&s.headers))
-                .with_http_client(http_client(s)?)
-                .with_retry_policy(retry_policy())
-                .with_temporality(self::temporality(temporality));
-            if s.compression == Compression::Gzip {
-                b = b.with_compression(opentelemetry_otlp::Compression::Gzip);
-            }
-            b.build()?
-        }
+        OtlpProtocol::Grpc => tonic_settings(builder.with_tonic(), s)?
+            .with_temporality(temporality)
+            .build()?,
+        OtlpProtocol::HttpProtobuf => http_settings(builder.with_http(), s)?
+            .with_temporality(temporality)
+            .build()?,
     };
     Ok(Counted::new(
         exporter,
@@ -383,6 +331,45 @@ pub fn metric_exporter(
         stats,
     )
     .on_runtime(runtime, export_timeout))
+}
+
+/// Applies the signal's gRPC settings (endpoint, timeout, metadata, retries, gzip, TLS) to a
+/// span or metric exporter builder.
+fn tonic_settings<B: WithExportConfig + WithTonicConfig>(
+    b: B,
+    s: &SignalSettings,
+) -> Result<B, ExportBuildError> {
+    let mut b = b
+        .with_endpoint(s.endpoint.clone())
+        .with_timeout(s.timeout)
+        .with_metadata(metadata(&s.headers)?)
+        .with_retry_policy(retry_policy());
+    if s.compression == Compression::Gzip {
+        b = b.with_compression(opentelemetry_otlp::Compression::Gzip);
+    }
+    if let Some(tls) = &s.tls {
+        b = b.with_tls_config(tonic_tls(tls)?);
+    }
+    Ok(b)
+}
+
+/// Applies the signal's http/protobuf settings (endpoint, timeout, headers, client with its
+/// TLS, retries, gzip) to a span or metric exporter builder.
+fn http_settings<B: WithExportConfig + WithHttpConfig>(
+    b: B,
+    s: &SignalSettings,
+) -> Result<B, ExportBuildError> {
+    let mut b = b
+        .with_protocol(Protocol::HttpBinary)
+        .with_endpoint(s.endpoint.clone())
+        .with_timeout(s.timeout)
+        .with_headers(http_headers(&s.headers))
+        .with_http_client(http_client(s)?)
+        .with_retry_policy(retry_policy());
+    if s.compression == Compression::Gzip {
+        b = b.with_compression(opentelemetry_otlp::Compression::Gzip);
+    }
+    Ok(b)
 }
 
 fn metadata(
