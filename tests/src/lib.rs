@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod cgroup;
 pub mod cmd;
+pub mod deploy;
 pub mod error;
 pub mod h2peers;
 pub mod impair;

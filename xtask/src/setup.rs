@@ -40,6 +40,23 @@ const PEER_PACKAGES: &[&str] = &[
     "tmux",
 ];
 
+/// What `cargo xtask integration-test vm` needs: qemu (software emulation), a static busybox
+/// for the initramfs, cpio, depmod, xz/zstd for compressed modules, strip.
+const VM_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "busybox-static",
+    "cpio",
+    "kmod",
+    "xz-utils",
+    "zstd",
+    "binutils",
+];
+
+/// Installs what the VM tests need (idempotent).
+pub fn ensure_vm_packages() -> Result<()> {
+    Apt::default().ensure(VM_PACKAGES)
+}
+
 /// Runs every set-up step; each one skips what is already present.
 pub fn run() -> Result<()> {
     if !util::is_root() {
@@ -195,7 +212,7 @@ pub fn venv_python() -> PathBuf {
 }
 
 /// Modules the peers import from the virtualenv (what tests/peers/requirements.txt provides).
-const VENV_IMPORTS: &str = "import grpc, websockets";
+const VENV_IMPORTS: &str = "import grpc, websockets, kubernetes_validate, yaml";
 
 /// Project-local virtualenv for the Python test peers listed in tests/peers/requirements.txt,
 /// made with the `python3` first on PATH. Recreated when its interpreter no longer runs (e.g.
