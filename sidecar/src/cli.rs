@@ -1,5 +1,6 @@
-//! Command line: `sidecar run`, `sidecar config`, `sidecar check` and `sidecar top`; every flag
-//! of `run` with its environment variable and config-file key (see [`crate::config`]).
+//! Command line: `sidecar run`, `sidecar config`, `sidecar check`, `sidecar top` and
+//! `sidecar inject`; every flag of `run` with its environment variable and config-file key
+//! (see [`crate::config`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -51,6 +52,9 @@ pub enum Command {
     Check,
     /// Live terminal view of a running sidecar's traffic (from its admin server's `/stats`).
     Top(crate::top::TopArgs),
+    /// Add the sidecar to the pod templates of Kubernetes YAML (Deployment, StatefulSet,
+    /// DaemonSet, ReplicaSet, Job, CronJob, Pod, List), like `istioctl kube-inject`.
+    Inject(crate::inject::InjectArgs),
 }
 
 /// Format of the sidecar's own log lines (on stderr).
@@ -592,6 +596,7 @@ pub fn main() -> ExitCode {
         }
         // No log subscriber: log lines on stderr would tear the terminal view.
         Loaded::Top(args) => crate::top::main(args),
+        Loaded::Inject(args) => crate::inject::main(&args),
         Loaded::Config { settings, format } => match settings.resolve() {
             Ok(config) => {
                 use std::io::Write;

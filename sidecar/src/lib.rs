@@ -9,6 +9,7 @@ pub mod ebpf;
 pub mod export;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod inject;
 pub mod kernel;
 pub mod policy;
 pub mod protocol;

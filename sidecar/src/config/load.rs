@@ -201,6 +201,8 @@ pub enum Loaded {
     Check,
     /// `sidecar top`.
     Top(crate::top::TopArgs),
+    /// `sidecar inject`.
+    Inject(crate::inject::InjectArgs),
 }
 
 /// Why the configuration could not be loaded.
@@ -293,6 +295,7 @@ where
             return match cli.command {
                 Command::Check => Ok(Loaded::Check),
                 Command::Top(args) => Ok(Loaded::Top(args)),
+                Command::Inject(args) => Ok(Loaded::Inject(args)),
                 Command::Run(_) | Command::Config(_) => Err(LoadError::Invalid(
                     "internal error: subcommand not recognised".to_owned(),
                 )),
@@ -374,6 +377,7 @@ where
         }),
         Command::Check => Ok(Loaded::Check),
         Command::Top(args) => Ok(Loaded::Top(args)),
+        Command::Inject(args) => Ok(Loaded::Inject(args)),
     }
 }
 
