@@ -2,7 +2,14 @@
 //! (network namespace + cgroup) whose unmodified curl calls a real HTTP server in another
 //! namespace, runs the sidecar on it with the default local sink, shows its live summary and
 //! where the OTLP-JSON went, and cleans everything up.
+//!
+//! With `--collector HOST:PORT` the telemetry goes over OTLP/gRPC to a collector on the host
+//! instead (deploy/compose), and the sidecar's admin port is published on the host for
+//! Prometheus: the pod's network namespace has no route to the host, so the demo relays both.
 
+use std::io;
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -17,7 +24,16 @@ pub struct DemoArgs {
     /// How long the demo pod sends traffic, in seconds.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(3..=600))]
     seconds: u64,
+    /// Send the telemetry over OTLP/gRPC to this collector on the host (deploy/compose:
+    /// `127.0.0.1:4317`) instead of the local sink file, and publish the sidecar's admin port
+    /// on the host's 0.0.0.0:15020 (Prometheus of deploy/compose scrapes it).
+    #[arg(long, value_name = "HOST:PORT")]
+    collector: Option<SocketAddr>,
 }
+
+/// The sidecar's admin port (its default `--admin-addr`), published on the host with
+/// `--collector`.
+const ADMIN_PORT: u16 = 15020;
 
 /// The app's request mix: (curl arguments, what it shows).
 const REQUESTS: &[&[&str]] = &[
@@ -53,8 +69,26 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         world.url("/"),
         world.url_v6("/")
     );
+    let otlp_in_pod = match args.collector {
+        Some(collector) => {
+            let inside = relay_pod_to_host(&world, collector)?;
+            relay_host_to_pod(
+                &world,
+                SocketAddr::from((Ipv4Addr::UNSPECIFIED, ADMIN_PORT)),
+                SocketAddr::from((Ipv4Addr::LOCALHOST, ADMIN_PORT)),
+            )?;
+            println!(
+                "   telemetry goes to the collector at {collector} (relayed from {inside} in the \
+                 pod); the sidecar's admin port is published on 0.0.0.0:{ADMIN_PORT}"
+            );
+            Some(inside)
+        }
+        None => None,
+    };
     let cfg = SidecarConfig {
-        sink_file: Some(sink.clone()),
+        sink_file: otlp_in_pod.is_none().then(|| sink.clone()),
+        otlp_endpoint: otlp_in_pod.map(|a| format!("http://{a}")),
+        service_name: otlp_in_pod.map(|_| "sidecar-demo".to_owned()),
         summary_interval_secs: Some(5),
         metric_export_interval_ms: Some(5_000),
         bsp_schedule_delay_ms: Some(1_000),
@@ -102,7 +136,14 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         Some(s) => anyhow::bail!("the sidecar exited with {s}"),
         None => anyhow::bail!("the sidecar did not exit within 20 s of SIGTERM"),
     }
-    report_sink(&sink)?;
+    match args.collector {
+        None => report_sink(&sink)?,
+        Some(collector) => println!(
+            "\n== telemetry sent to the collector at {collector}: Grafana http://127.0.0.1:3000 \
+             (dashboard \"Sidecar\", service sidecar-demo), Jaeger http://127.0.0.1:16686, \
+             Prometheus http://127.0.0.1:9090"
+        ),
+    }
     drop(world);
     println!("== cleaned up: namespaces, cgroups and processes removed");
     Ok(())
@@ -140,4 +181,67 @@ fn report_sink(sink: &Path) -> Result<()> {
         anyhow::bail!("expected both spans and metrics in {}", sink.display());
     }
     Ok(())
+}
+
+/// Relays connections made inside the pod's network namespace to a free loopback port there
+/// (returned) to `target` in the host's namespace.
+fn relay_pod_to_host(world: &PodWorld, target: SocketAddr) -> Result<SocketAddr> {
+    let listener = world
+        .pod
+        .enter(|| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))?
+        .context("binding the OTLP relay in the pod namespace")?;
+    let inside = listener.local_addr()?;
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            match TcpStream::connect_timeout(&target, Duration::from_secs(3)) {
+                Ok(out) => splice(conn, out),
+                Err(e) => eprintln!("   demo: cannot reach the collector at {target}: {e}"),
+            }
+        }
+    });
+    Ok(inside)
+}
+
+/// Relays connections to `listen` on the host to `inside` in the pod's network namespace.
+fn relay_host_to_pod(world: &PodWorld, listen: SocketAddr, inside: SocketAddr) -> Result<()> {
+    let listener = TcpListener::bind(listen)
+        .with_context(|| format!("binding {listen} on the host for the admin port"))?;
+    let netns = std::fs::File::open(world.pod.path())
+        .with_context(|| format!("opening {}", world.pod.path().display()))?;
+    std::thread::spawn(move || {
+        // SAFETY: setns only switches this thread's network namespace to the one `netns` (an
+        // open namespace file that outlives the call) refers to; sockets created by this thread
+        // from then on live there, the listener created before stays in the host's.
+        if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            eprintln!(
+                "   demo: cannot enter the pod namespace: {}",
+                io::Error::last_os_error()
+            );
+            return;
+        }
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            match TcpStream::connect_timeout(&inside, Duration::from_secs(3)) {
+                Ok(to_pod) => splice(conn, to_pod),
+                Err(e) => eprintln!("   demo: cannot reach {inside} in the pod: {e}"),
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Copies both ways between `a` and `b` on two threads until each side closes.
+fn splice(a: TcpStream, b: TcpStream) {
+    let (Ok(a2), Ok(b2)) = (a.try_clone(), b.try_clone()) else {
+        return;
+    };
+    std::thread::spawn(move || {
+        let _ = io::copy(&mut &a, &mut &b);
+        let _ = b.shutdown(Shutdown::Write);
+    });
+    std::thread::spawn(move || {
+        let _ = io::copy(&mut &b2, &mut &a2);
+        let _ = a2.shutdown(Shutdown::Write);
+    });
 }

@@ -20,6 +20,7 @@ use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 use crate::export::summary::Summary;
 use crate::protocol::tls::TlsInfo;
 
+pub mod instruments;
 mod pipeline;
 pub mod resource;
 pub mod route;
