@@ -489,7 +489,7 @@ fn rtt_bytes_and_durations_of_outbound_exchanges_match_the_kernel() {
     assert_eq!(obs.bytes_received, 3000, "{obs:?}");
     let rtt = ms(obs.srtt.expect("an RTT sample"));
     assert!(
-        (20.0..40.0).contains(&rtt),
+        (20.0..50.0).contains(&rtt),
         "srtt {rtt} ms with 2 x 10 ms of delay"
     );
     assert!(
@@ -515,7 +515,7 @@ fn rtt_bytes_and_durations_of_outbound_exchanges_match_the_kernel() {
         "{obs:?}"
     );
     let rtt = ms(obs.srtt.expect("an RTT sample"));
-    assert!((20.0..40.0).contains(&rtt), "srtt {rtt} ms");
+    assert!((20.0..50.0).contains(&rtt), "srtt {rtt} ms");
 
     // Every observed connection has left the state map.
     assert_eq!(world.interception.observed_connections().unwrap(), 0);
@@ -648,7 +648,7 @@ fn inbound_connections_accepted_in_the_pod_are_observed() {
     );
     assert_eq!(obs.connect_latency, None);
     let rtt = ms(obs.srtt.expect("an RTT sample"));
-    assert!((20.0..40.0).contains(&rtt), "srtt {rtt} ms");
+    assert!((20.0..50.0).contains(&rtt), "srtt {rtt} ms");
 }
 
 #[test]

@@ -6,6 +6,7 @@ mod fuzz;
 mod setup;
 mod test;
 mod util;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -30,6 +31,9 @@ enum Command {
     Fuzz(fuzz::FuzzArgs),
     /// Set up, check formatting and clippy, run unit and privileged end-to-end tests.
     Test(test::TestArgs),
+    /// Run the privileged kernel suite on the host kernel (`local`) or in qemu on Debian's
+    /// kernels (`vm --kernel 5.10 --kernel 6.1 --kernel 6.12`).
+    IntegrationTest(vm::IntegrationArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -41,6 +45,7 @@ fn main() -> std::process::ExitCode {
         Command::Demo(args) => demo::run(&args),
         Command::Fuzz(args) => fuzz::run(&args),
         Command::Test(args) => test::run(&args),
+        Command::IntegrationTest(args) => vm::run(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

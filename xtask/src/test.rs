@@ -7,6 +7,10 @@ use crate::build;
 use crate::fuzz;
 use crate::setup;
 use crate::util::{self, sh};
+use crate::vm;
+
+/// The kernel series CI boots: the oldest one supported.
+const CI_VM_KERNEL: &str = "5.10";
 
 /// Flags of `cargo xtask test`.
 #[derive(Debug, clap::Args)]
@@ -64,6 +68,10 @@ pub fn run_all() -> Result<()> {
             ]))
     })
     .context("end-to-end tests failed")?;
+    // The oldest supported kernel, in qemu: the kernel programs and their tests on 5.10.
+    step("kernel suite in a VM (Linux 5.10, qemu TCG)", || {
+        vm::run_default_vms(&[CI_VM_KERNEL])
+    })?;
     eprintln!(
         "xtask test: every step passed in {:.0} s",
         started.elapsed().as_secs_f64()
