@@ -3,14 +3,12 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::cmd::{run_ok, ADMIN_TIMEOUT};
 use crate::error::{Error, IoContext, Result};
 
 /// Directory under the cgroup2 mount holding every test cgroup.
@@ -76,20 +74,42 @@ impl Cgroup {
         read_procs(&self.path)
     }
 
-    /// Programs attached directly to this cgroup, as printed by `bpftool cgroup show`
-    /// (trimmed; empty when none).
+    /// Names of the programs attached directly to this cgroup, comma-separated (empty when
+    /// none).
     pub fn attached_programs(&self) -> Result<String> {
         attached_programs(&self.path)
     }
 }
 
-/// `bpftool cgroup show DIR`, trimmed; empty when no program is attached to `dir` itself.
+/// Names of the programs attached directly to `dir` (not inherited), sorted and
+/// comma-separated; empty when none. Asked of the kernel ([`crate::bpf`]), so it works on
+/// every kernel the VM tests boot.
 pub fn attached_programs(dir: &Path) -> Result<String> {
-    let out = run_ok(
-        Command::new("bpftool").arg("cgroup").arg("show").arg(dir),
-        ADMIN_TIMEOUT,
-    )?;
-    Ok(out.stdout_str().trim().to_owned())
+    Ok(crate::bpf::cgroup_program_names(dir)?.join(","))
+}
+
+/// Waits until no program is attached directly to any of `dirs` (bounded: 5 s); panics with
+/// what is still attached otherwise.
+pub fn assert_nothing_attached(dirs: &[&Path]) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let shown: Vec<(String, String)> = dirs
+            .iter()
+            .map(|d| {
+                let out = attached_programs(d).expect("querying the cgroup's programs");
+                (d.display().to_string(), out)
+            })
+            .filter(|(_, out)| !out.is_empty())
+            .collect();
+        if shown.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "programs still attached after the sidecar exited: {shown:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn read_procs(dir: &Path) -> Result<Vec<i32>> {

@@ -62,6 +62,16 @@ pub struct PodWorld {
 }
 
 impl PodWorld {
+    /// The pod cgroup and its `app` and `sidecar` children (e.g. to check that nothing stays
+    /// attached to any of them).
+    pub fn cgroups(&self) -> [&std::path::Path; 3] {
+        [
+            self.pod_cgroup.path(),
+            self.app_cgroup.path(),
+            self.sidecar_cgroup.path(),
+        ]
+    }
+
     /// Builds the world; `tag` names its namespaces, cgroups and directory (made unique).
     pub fn new(tag: &str) -> Result<Self> {
         let name = unique_name(tag);

@@ -166,75 +166,11 @@ pub fn bpftool_json(args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&text).expect("bpftool JSON")
 }
 
-/// Names of the programs attached to a cgroup directory, sorted.
-///
-/// Asks the kernel directly (`BPF_PROG_QUERY` for every attach type, then the loaded programs'
-/// names) rather than `bpftool cgroup show`: bpftool 7.x asks for per-program attach flags
-/// that kernels before 6.6 reject, so on the older kernels of the VM tests it fails as soon as
-/// a program is attached.
+/// Names of the programs attached to a cgroup directory, sorted (asked of the kernel, not of
+/// bpftool: see [`sidecar_tests::bpf`]).
 pub fn attached_programs(dir: &Path) -> Vec<String> {
-    let cgroup = std::fs::File::open(dir)
-        .unwrap_or_else(|e| panic!("opening cgroup {}: {e}", dir.display()));
-    let mut ids = Vec::new();
-    // Attach types are small integers; the ones this kernel does not know give EINVAL.
-    for attach_type in 0..64 {
-        ids.extend(query_cgroup_programs(&cgroup, attach_type));
-    }
-    let mut names: Vec<String> = aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .filter(|p| ids.contains(&p.id()))
-        .map(|p| p.name_as_str().unwrap_or("").to_string())
-        .collect();
-    names.sort();
-    names
-}
-
-/// `union bpf_attr` for `BPF_PROG_QUERY` as every kernel since 4.15 knows it.
-#[repr(C)]
-#[derive(Default)]
-struct ProgQueryAttr {
-    target_fd: u32,
-    attach_type: u32,
-    query_flags: u32,
-    attach_flags: u32,
-    prog_ids: u64,
-    prog_cnt: u32,
-    _pad: u32,
-}
-
-/// Ids of the programs attached to `cgroup` for `attach_type` (empty when the kernel does not
-/// know the type).
-fn query_cgroup_programs(cgroup: &std::fs::File, attach_type: u32) -> Vec<u32> {
-    use std::os::fd::AsRawFd;
-    const BPF_PROG_QUERY: libc::c_long = 16;
-    let mut ids = [0u32; 64];
-    let mut attr = ProgQueryAttr {
-        target_fd: cgroup.as_raw_fd() as u32,
-        attach_type,
-        prog_ids: ids.as_mut_ptr() as u64,
-        prog_cnt: ids.len() as u32,
-        ..ProgQueryAttr::default()
-    };
-    // SAFETY: `attr` is a valid, zero-padded BPF_PROG_QUERY attribute of the size passed; the
-    // kernel writes at most `prog_cnt` ids into `ids`, which outlives the call.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_QUERY,
-            &mut attr as *mut ProgQueryAttr,
-            std::mem::size_of::<ProgQueryAttr>(),
-        )
-    };
-    if ret < 0 {
-        let err = std::io::Error::last_os_error();
-        assert_eq!(
-            err.raw_os_error(),
-            Some(libc::EINVAL),
-            "BPF_PROG_QUERY attach type {attach_type}: {err}"
-        );
-        return Vec::new();
-    }
-    ids[..(attr.prog_cnt as usize).min(ids.len())].to_vec()
+    sidecar_tests::bpf::cgroup_program_names(dir)
+        .unwrap_or_else(|e| panic!("programs attached to {}: {e}", dir.display()))
 }
 
 // ---------------------------------------------------------------------------------------------
