@@ -315,6 +315,8 @@ fn template(opts: &Options) -> Result<Template, InjectError> {
         }
         if let Some(sc) = container.get_mut("securityContext") {
             sc.remove("capabilities");
+            // The API server refuses `privileged: true` with `allowPrivilegeEscalation: false`.
+            sc.remove("allowPrivilegeEscalation");
             sc.set("privileged", Value::Bool(true));
         }
     }

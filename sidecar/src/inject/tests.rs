@@ -392,6 +392,7 @@ spec:
         names("volumes"),
         [
             "sidecar-host-cgroup",
+            "sidecar-tracefs",
             "sidecar-podinfo",
             "sidecar-tmp",
             "data",

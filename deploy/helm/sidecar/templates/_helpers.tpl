@@ -158,6 +158,8 @@ sidecar/src/inject/template.yaml (tests/tests/deploy_manifests.rs compares them)
     # root only). The only writable path is the /tmp emptyDir.
     runAsUser: 0
     runAsNonRoot: false
+    # No setuid or file-capability gains after start (no_new_privs).
+    allowPrivilegeEscalation: false
     readOnlyRootFilesystem: true
     capabilities:
       drop: [ALL]
@@ -169,6 +171,10 @@ sidecar/src/inject/template.yaml (tests/tests/deploy_manifests.rs compares them)
   volumeMounts:
     # The host's cgroup2 tree, read-only, to find the pod's cgroup.
     - { name: sidecar-host-cgroup, mountPath: /host/sys/fs/cgroup, readOnly: true }
+    # The host's tracefs, read-only: the tcp:tcp_receive_reset tracepoint is attached
+    # through it (resets and refused connects are told apart); a container has no
+    # tracefs and mounting one would need CAP_SYS_ADMIN.
+    - { name: sidecar-tracefs, mountPath: /sys/kernel/tracing, readOnly: true }
     # The pod's labels and annotations (Downward API): resource attributes and per-pod
     # interception settings.
     - { name: sidecar-podinfo, mountPath: /etc/podinfo, readOnly: true }
@@ -181,6 +187,9 @@ sidecar/src/inject/template.yaml (tests/tests/deploy_manifests.rs compares them)
 # The node's cgroup2 tree (mounted read-only by the sidecar only).
 - name: sidecar-host-cgroup
   hostPath: { path: /sys/fs/cgroup, type: Directory }
+# The node's tracefs (mounted read-only by the sidecar only).
+- name: sidecar-tracefs
+  hostPath: { path: /sys/kernel/tracing, type: Directory }
 # Downward API files, `key="value"` per line, kept current by the kubelet.
 - name: sidecar-podinfo
   downwardAPI:
