@@ -57,6 +57,19 @@ pub struct VmArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = DEFAULT_MEMORY_MIB)]
     memory_mib: u32,
+    /// What runs in each VM: `full` (kernel tests and the end-to-end test of the agent binary)
+    /// or `kernel` (`sidecar check` and the kernel tests only, what CI runs).
+    #[arg(long, value_enum, default_value_t = SuiteKind::Full)]
+    suite: SuiteKind,
+}
+
+/// The parts of the suite to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SuiteKind {
+    /// `sidecar check` and the kernel tests (`sidecar/tests/ebpf_*`).
+    Kernel,
+    /// The kernel tests and the end-to-end tests that run with the VM's tools.
+    Full,
 }
 
 /// Time limit per kernel (boot, suite, shutdown); the suite takes about 4 minutes under TCG
@@ -96,6 +109,14 @@ fn parse_series(s: &str) -> Result<&'static Series, String> {
         format!("unknown kernel series {s:?}; known: {}", known.join(", "))
     })
 }
+
+/// The packages `cargo xtask test` unit-tests (its test binaries include the kernel tests).
+pub const UNIT_TEST_PACKAGES: &[&str] = &["sidecar-common", "sidecar", "xtask"];
+
+/// End-to-end tests of `tests/` in the suite: the real agent binary in a pod world of
+/// namespaces and cgroups, with curl and Python's standard library as peers (the tests that
+/// need the venv's packages, nghttp2 or Prometheus run on the host only).
+const E2E_TESTS: &[&str] = &["e2e"];
 
 /// Console markers `/init` prints; the host reads nothing else.
 const STEP_MARK: &str = "SIDECAR-VM-STEP";
@@ -141,14 +162,14 @@ pub fn run(args: &IntegrationArgs) -> Result<()> {
     setup::run()?;
     build::all()?;
     match &args.mode {
-        Mode::Local => run_local(&Suite::build()?),
+        Mode::Local => run_local(&Suite::build(SuiteKind::Full)?),
         Mode::Vm(vm) => run_vms(vm),
     }
 }
 
 /// The VM suite on `kernels` with the default limits, after set-up and build (what
 /// `cargo xtask test` runs).
-pub fn run_default_vms(kernels: &[&str]) -> Result<()> {
+pub fn run_default_vms(kernels: &[&str], suite: SuiteKind) -> Result<()> {
     let args = VmArgs {
         kernels: kernels
             .iter()
@@ -156,13 +177,14 @@ pub fn run_default_vms(kernels: &[&str]) -> Result<()> {
             .collect::<Result<_>>()?,
         timeout_secs: DEFAULT_TIMEOUT_SECS,
         memory_mib: DEFAULT_MEMORY_MIB,
+        suite,
     };
     run_vms(&args)
 }
 
 fn run_vms(vm: &VmArgs) -> Result<()> {
     setup::ensure_vm_packages()?;
-    let suite = Suite::build()?;
+    let suite = Suite::build(vm.suite)?;
     let mut outcomes = Vec::new();
     for series in &vm.kernels {
         let started = Instant::now();
@@ -190,7 +212,7 @@ pub struct Suite {
 
 impl Suite {
     /// Builds the test binaries (release, the eBPF object embedded) and lists them.
-    pub fn build() -> Result<Self> {
+    pub fn build(kind: SuiteKind) -> Result<Self> {
         // The privileged kernel tests are the agent's `ebpf_*` integration tests.
         let mut names: Vec<String> = fs::read_dir(util::workspace_root().join("sidecar/tests"))?
             .filter_map(|e| e.ok())
@@ -199,43 +221,24 @@ impl Suite {
             .filter(|n| n.starts_with("ebpf_"))
             .collect();
         names.sort();
-        let mut cmd = Command::new(util::cargo().get_program());
-        cmd.current_dir(util::workspace_root())
-            .env("SIDECAR_EBPF_OBJECT", build::ebpf_object())
-            .args(["test", "--release", "--package", "sidecar"]);
-        for name in &names {
-            cmd.args(["--test", name]);
+        // The same packages as the unit-test and end-to-end steps of `cargo xtask test`: the
+        // same feature unification, so nothing is rebuilt after them.
+        let mut tests = test_executables(UNIT_TEST_PACKAGES, &names)?;
+        let e2e: Vec<String> = match kind {
+            SuiteKind::Full => E2E_TESTS.iter().map(|t| t.to_string()).collect(),
+            SuiteKind::Kernel => Vec::new(),
+        };
+        if !e2e.is_empty() {
+            tests.extend(test_executables(&["sidecar-tests"], &e2e)?);
         }
-        let out = cmd
-            .args(["--no-run", "--message-format=json"])
-            .stderr(Stdio::inherit())
-            .output()
-            .context("cannot run cargo test --no-run")?;
-        if !out.status.success() {
-            bail!("building the test binaries failed ({})", out.status);
-        }
-        let mut tests = Vec::new();
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
-                continue;
-            };
-            let is_test_target = msg["reason"] == "compiler-artifact"
-                && msg["target"]["kind"]
-                    .as_array()
-                    .is_some_and(|k| k.iter().any(|k| k == "test"));
-            if let (true, Some(exe), Some(name)) = (
-                is_test_target,
-                msg["executable"].as_str(),
-                msg["target"]["name"].as_str(),
-            ) {
-                if names.iter().any(|n| n == name) {
-                    tests.push((name.to_string(), PathBuf::from(exe)));
-                }
-            }
-        }
-        tests.sort();
-        if tests.is_empty() {
-            bail!("cargo listed no ebpf_* test binary of the sidecar package");
+        let wanted = names.len() + e2e.len();
+        if tests.len() != wanted {
+            bail!(
+                "cargo listed {} of the {wanted} test binaries ({} and {})",
+                tests.len(),
+                names.join(", "),
+                e2e.join(", ")
+            );
         }
         Ok(Self {
             sidecar: build::sidecar_binary(),
@@ -257,6 +260,44 @@ impl Suite {
         }
         steps
     }
+}
+
+/// Builds the test targets of `packages` (release, without running them) and returns the
+/// executables of those named in `names`, in that order.
+fn test_executables(packages: &[&str], names: &[String]) -> Result<Vec<(String, PathBuf)>> {
+    let out = Command::new(util::cargo().get_program())
+        .current_dir(util::workspace_root())
+        .env("SIDECAR_EBPF_OBJECT", build::ebpf_object())
+        .args(["test", "--release"])
+        .args(packages.iter().flat_map(|p| ["--package", p]))
+        .args(["--no-run", "--message-format=json"])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cannot run cargo test --no-run")?;
+    if !out.status.success() {
+        bail!("building the test binaries failed ({})", out.status);
+    }
+    let mut found = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let is_test_target = msg["reason"] == "compiler-artifact"
+            && msg["target"]["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "test"));
+        if let (true, Some(exe), Some(name)) = (
+            is_test_target,
+            msg["executable"].as_str(),
+            msg["target"]["name"].as_str(),
+        ) {
+            if names.iter().any(|n| n == name) {
+                found.push((name.to_string(), PathBuf::from(exe)));
+            }
+        }
+    }
+    found.sort_by_key(|(name, _)| names.iter().position(|n| n == name));
+    Ok(found)
 }
 
 fn run_local(suite: &Suite) -> Result<()> {
@@ -558,12 +599,16 @@ fn copy_file(root: &Path, path: &Path, strip: bool, copied: &mut BTreeSet<PathBu
         fs::create_dir_all(parent)?;
     }
     if strip {
-        sh(Command::new("strip")
+        let status = Command::new("strip")
             .arg("--strip-debug")
             .arg("-o")
             .arg(&dest)
-            .arg(path))
-        .context("strip (Debian package binutils)")?;
+            .arg(path)
+            .status()
+            .context("strip (Debian package binutils)")?;
+        if !status.success() {
+            bail!("strip {} failed ({status})", path.display());
+        }
     } else {
         fs::copy(path, &dest).with_context(|| format!("copying {}", path.display()))?;
     }
@@ -573,7 +618,12 @@ fn copy_file(root: &Path, path: &Path, strip: bool, copied: &mut BTreeSet<PathBu
 /// The kernel's network, library and crypto modules, uncompressed, with `depmod` run so that
 /// busybox's modprobe (and the kernel's on-demand loading) finds them.
 fn copy_modules(kernel: &Path, release: &str, root: &Path) -> Result<()> {
-    let from = kernel.join("lib/modules").join(release);
+    // Newer Debian releases keep them under /usr (merged /usr).
+    let from = ["lib/modules", "usr/lib/modules"]
+        .iter()
+        .map(|dir| kernel.join(dir).join(release))
+        .find(|dir| dir.is_dir())
+        .with_context(|| format!("no modules directory for {release} in {}", kernel.display()))?;
     let to = root.join("lib/modules").join(release);
     for dir in [
         "kernel/net",
