@@ -620,16 +620,9 @@ impl Planner<'_, '_> {
         path: &Path,
         key: &str,
     ) -> Result<Slot<'n>, InjectError> {
-        let slot = self.slot(obj, hint, map, path, key)?;
-        match slot {
-            Slot::Here(v) if v.entries().is_none() => Err(self.err(
-                obj,
-                hint,
-                &path.key(key),
-                format!("expected a mapping, found {}", v.describe()),
-            )),
-            other => Ok(other),
-        }
+        self.shaped_slot(obj, hint, map, path, key, "a mapping", |v| {
+            v.entries().is_some()
+        })
     }
 
     /// Like [`Self::slot`], but the value must be a sequence (or null / absent).
@@ -641,13 +634,29 @@ impl Planner<'_, '_> {
         path: &Path,
         key: &str,
     ) -> Result<Slot<'n>, InjectError> {
-        let slot = self.slot(obj, hint, map, path, key)?;
-        match slot {
-            Slot::Here(v) if v.items().is_none() => Err(self.err(
+        self.shaped_slot(obj, hint, map, path, key, "a sequence", |v| {
+            v.items().is_some()
+        })
+    }
+
+    /// [`Self::slot`], refusing a present value that is not `expected` (`is_shape` says).
+    #[allow(clippy::too_many_arguments)]
+    fn shaped_slot<'n>(
+        &self,
+        obj: &Node,
+        hint: Option<&str>,
+        map: &'n Node,
+        path: &Path,
+        key: &str,
+        expected: &str,
+        is_shape: fn(&Node) -> bool,
+    ) -> Result<Slot<'n>, InjectError> {
+        match self.slot(obj, hint, map, path, key)? {
+            Slot::Here(v) if !is_shape(v) => Err(self.err(
                 obj,
                 hint,
                 &path.key(key),
-                format!("expected a sequence, found {}", v.describe()),
+                format!("expected {expected}, found {}", v.describe()),
             )),
             other => Ok(other),
         }
@@ -1214,38 +1223,4 @@ pub fn main(args: &InjectArgs) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
-}
-
-/// The command line of `sidecar inject` on its own (see [`main_from_args`]).
-#[derive(Debug, clap::Parser)]
-#[command(
-    name = "sidecar inject",
-    bin_name = "sidecar inject",
-    version,
-    about = "Add the sidecar to the pod templates of Kubernetes YAML (Deployment, StatefulSet, \
-             DaemonSet, ReplicaSet, Job, CronJob, Pod, List), like `istioctl kube-inject`",
-    long_about = None
-)]
-pub struct InjectCli {
-    /// The flags.
-    #[command(flatten)]
-    pub args: InjectArgs,
-}
-
-/// Runs `sidecar inject` from the whole command line (`sidecar inject ...`).
-pub fn main_from_args(argv: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
-    use clap::Parser as _;
-    let mut argv: Vec<std::ffi::OsString> = argv.into_iter().collect();
-    if argv.get(1).is_some_and(|a| a == "inject") {
-        argv.remove(1);
-    }
-    match InjectCli::try_parse_from(argv) {
-        Ok(cli) => main(&cli.args),
-        Err(e) => {
-            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
-            // Printing can only fail when stdout/stderr are gone; nothing better to do then.
-            let _ = e.print();
-            ExitCode::from(code)
-        }
-    }
 }

@@ -6,6 +6,22 @@
 use super::yaml::{self, Value};
 use super::*;
 
+/// `sidecar inject`'s flags parsed on their own.
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "sidecar inject",
+    bin_name = "sidecar inject",
+    version,
+    about = "Add the sidecar to the pod templates of Kubernetes YAML (Deployment, StatefulSet, \
+             DaemonSet, ReplicaSet, Job, CronJob, Pod, List), like `istioctl kube-inject`",
+    long_about = None
+)]
+struct InjectCli {
+    /// The flags.
+    #[command(flatten)]
+    args: InjectArgs,
+}
+
 fn inject_ok(src: &str) -> Injected {
     inject(src, &Options::default()).unwrap_or_else(|e| panic!("inject failed: {e}\n{src}"))
 }
