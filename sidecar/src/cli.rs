@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{LoadError, Loaded};
+pub use crate::ebpf::RedirectMode;
 use crate::export::config::{ExportOptions, OtlpRawOptions};
 use crate::policy::{CidrSelection, CidrSet, PolicyConfig, PortSelection, PortSet};
 use crate::telemetry::resource::ResourceOptions;
@@ -17,6 +18,19 @@ use crate::telemetry::sampling::{parse_ratio, SamplerKind};
 
 /// Exit code for invalid usage or configuration (EX_USAGE from sysexits.h).
 pub const EXIT_USAGE: u8 = 64;
+
+/// Largest `--worker-threads`.
+pub const MAX_WORKER_THREADS: i64 = 256;
+
+/// The settings (long flag names) of the eBPF interception policy, which only the `ebpf`
+/// redirect mode applies.
+pub const POLICY_KEYS: [&str; 5] = [
+    "exclude-outbound-ports",
+    "exclude-outbound-cidrs",
+    "include-outbound-cidrs",
+    "exclude-inbound-ports",
+    "include-inbound-ports",
+];
 
 /// eBPF-backed observability and traffic-interception sidecar.
 ///
@@ -129,6 +143,16 @@ pub struct RunArgs {
     /// [default: this process's own cgroup, from /proc/self/cgroup].
     #[arg(long, env = "SIDECAR_PROXY_CGROUP", value_name = "DIR")]
     pub proxy_cgroup: Option<PathBuf>,
+
+    /// How connections reach the proxy. `ebpf`: the eBPF programs redirect outbound connects
+    /// and steer inbound connections. `iptables`: your iptables/nftables rules REDIRECT the
+    /// traffic to the outbound and inbound ports (the original destination comes from
+    /// conntrack, `SO_ORIGINAL_DST`; the inbound listener binds every address); only the
+    /// observation programs attach. `off`: no redirection at all, observation only. With
+    /// `iptables` and `off`, the --exclude-*/--include-* interception flags are refused.
+    #[arg(long, env = "SIDECAR_REDIRECT", value_name = "MODE", value_enum,
+          default_value_t = RedirectMode::Ebpf)]
+    pub redirect: RedirectMode,
 
     /// Port of the proxy's outbound listeners on 127.0.0.1 and [::1].
     #[arg(long, env = "SIDECAR_OUTBOUND_PORT", default_value_t = 15001,
@@ -381,6 +405,12 @@ pub struct RunArgs {
     #[arg(long, env = "SIDECAR_CONNECT_TIMEOUT", value_name = "SECS", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub connect_timeout: u64,
+
+    /// Worker threads of the async runtime that runs the proxy, 1 to 256 (named
+    /// `sidecar-worker`) [default: one per CPU available to the process].
+    #[arg(long, env = "SIDECAR_WORKER_THREADS", value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..=MAX_WORKER_THREADS))]
+    pub worker_threads: Option<u16>,
 
     /// Port of the proxy's inbound listener, where steered inbound connections arrive.
     #[arg(long, env = "SIDECAR_INBOUND_PORT", value_name = "PORT", default_value_t = 15006,
@@ -1476,6 +1506,211 @@ log-format = "json"
         assert!(text.contains("max-routes = 100  (default)"), "{text}");
         assert!(
             text.contains("traces.endpoint = <none: local sink file>"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn redirect_and_worker_threads_default_read_env_and_file() {
+        let s = settings(&[], &[]);
+        assert_eq!(s.args.redirect, RedirectMode::Ebpf);
+        assert_eq!(s.args.worker_threads, None);
+        let redirect = s.get("redirect").unwrap();
+        assert_eq!(redirect.value.as_deref(), Some("ebpf"));
+        assert_eq!(redirect.source, Source::Default);
+        assert_eq!(redirect.env.as_deref(), Some("SIDECAR_REDIRECT"));
+        let workers = s.get("worker-threads").unwrap();
+        assert_eq!(workers.value, None);
+        assert_eq!(workers.env.as_deref(), Some("SIDECAR_WORKER_THREADS"));
+
+        let flags = settings(&["--redirect", "iptables", "--worker-threads", "4"], &[]);
+        assert_eq!(flags.args.redirect, RedirectMode::Iptables);
+        assert_eq!(flags.args.worker_threads, Some(4));
+        assert_eq!(
+            flags.get("redirect").unwrap().source,
+            Source::Flag("--redirect".into())
+        );
+        assert_eq!(
+            run_args(&["--worker-threads", "256"]).worker_threads,
+            Some(256)
+        );
+        assert_eq!(run_args(&["--worker-threads", "1"]).worker_threads, Some(1));
+
+        let env = [("SIDECAR_REDIRECT", "off"), ("SIDECAR_WORKER_THREADS", "2")];
+        let from_env = settings(&[], &env);
+        assert_eq!(from_env.args.redirect, RedirectMode::Off);
+        assert_eq!(from_env.args.worker_threads, Some(2));
+        assert_eq!(
+            from_env.get("worker-threads").unwrap().source,
+            Source::Env("SIDECAR_WORKER_THREADS".into())
+        );
+        // The flag wins over the environment.
+        let flag_wins = settings(&["--redirect", "ebpf"], &env);
+        assert_eq!(flag_wins.args.redirect, RedirectMode::Ebpf);
+
+        let file = TempToml::new("redirect", "redirect = \"iptables\"\nworker-threads = 3\n");
+        let from_file = settings(&["--config", file.path()], &[]);
+        assert_eq!(from_file.args.redirect, RedirectMode::Iptables);
+        assert_eq!(from_file.args.worker_threads, Some(3));
+        assert_eq!(
+            from_file.get("redirect").unwrap().source,
+            Source::File {
+                path: PathBuf::from(file.path()),
+                key: "redirect".into()
+            }
+        );
+        // The environment wins over the file.
+        let env_wins = settings(
+            &[],
+            &[("SIDECAR_CONFIG", file.path()), ("SIDECAR_REDIRECT", "off")],
+        );
+        assert_eq!(env_wins.args.redirect, RedirectMode::Off);
+        assert_eq!(env_wins.args.worker_threads, Some(3));
+    }
+
+    #[test]
+    fn bad_redirect_and_worker_threads_values_are_usage_errors_naming_the_setting() {
+        let file_zero = TempToml::new("workers-zero", "worker-threads = 0\n");
+        let file_mode = TempToml::new("redirect-bad", "redirect = \"nft\"\n");
+        type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a [&'a str]);
+        let cases: &[Case<'_>] = &[
+            (
+                &["--worker-threads", "0"],
+                &[],
+                &["--worker-threads: invalid value `0`", "1..=256"],
+            ),
+            (
+                &["--worker-threads", "257"],
+                &[],
+                &["--worker-threads: invalid value `257`", "1..=256"],
+            ),
+            (
+                &["--worker-threads", "many"],
+                &[],
+                &["--worker-threads: invalid value `many`"],
+            ),
+            (
+                &[],
+                &[("SIDECAR_WORKER_THREADS", "0")],
+                &["SIDECAR_WORKER_THREADS: invalid value `0`", "1..=256"],
+            ),
+            (
+                &["--config", file_zero.path()],
+                &[],
+                &["key `worker-threads`: invalid value `0`"],
+            ),
+            (
+                &["--redirect", "nft"],
+                &[],
+                &["--redirect: invalid value `nft`", "ebpf, iptables, off"],
+            ),
+            (
+                &[],
+                &[("SIDECAR_REDIRECT", "tproxy")],
+                &["SIDECAR_REDIRECT: invalid value `tproxy`"],
+            ),
+            (
+                &["--config", file_mode.path()],
+                &[],
+                &["key `redirect`: invalid value `nft`"],
+            ),
+        ];
+        for (args, env, items) in cases {
+            let msg = invalid(args, env);
+            for item in *items {
+                assert!(msg.contains(item), "{args:?} {env:?}: {item} not in {msg}");
+            }
+        }
+    }
+
+    #[test]
+    fn interception_policy_is_refused_without_ebpf_redirection() {
+        // A flag: named as given, with the mode and where the rules belong.
+        let msg = invalid(
+            &["--redirect", "iptables", "--exclude-outbound-ports", "5432"],
+            &[],
+        );
+        assert!(msg.starts_with("--exclude-outbound-ports: "), "{msg}");
+        for item in [
+            "`iptables`",
+            "(set by --redirect)",
+            "iptables/nftables rules",
+        ] {
+            assert!(msg.contains(item), "{item} not in {msg}");
+        }
+        // Every policy setting, from the environment, with the mode from a file.
+        let file = TempToml::new("redirect-off", "redirect = \"off\"\n");
+        for (key, value) in [
+            ("exclude-outbound-ports", "5432"),
+            ("exclude-outbound-cidrs", "10.0.0.0/8"),
+            ("include-outbound-cidrs", "*"),
+            ("exclude-inbound-ports", "9090"),
+            ("include-inbound-ports", "8080"),
+        ] {
+            assert!(POLICY_KEYS.contains(&key), "{key}");
+            let var = format!("SIDECAR_{}", key.replace('-', "_").to_uppercase());
+            let msg = invalid(&[], &[("SIDECAR_CONFIG", file.path()), (&var, value)]);
+            assert!(msg.starts_with(&format!("{var}: ")), "{msg}");
+            assert!(msg.contains("`off`"), "{msg}");
+            assert!(msg.contains("nothing is redirected"), "{msg}");
+            assert!(
+                msg.contains(&format!("set by config file {}", file.path())),
+                "{msg}"
+            );
+            // With eBPF redirection (the default) the same setting is fine.
+            settings(&[], &[(&var, value)]).resolve().unwrap();
+        }
+        // Without policy settings, both modes resolve.
+        for mode in ["iptables", "off"] {
+            let s = settings(&["--redirect", mode], &[]);
+            s.resolve().unwrap();
+        }
+        // `sidecar config` validates the same way.
+        match load_with(
+            &[
+                "config",
+                "--redirect",
+                "iptables",
+                "--include-inbound-ports",
+                "80",
+            ],
+            &[],
+        ) {
+            Ok(Loaded::Config { settings, .. }) => {
+                let msg = settings.resolve().unwrap_err();
+                assert!(msg.starts_with("--include-inbound-ports: "), "{msg}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn config_shows_redirect_and_worker_threads_with_their_sources() {
+        let Loaded::Config { settings, .. } = load_with(
+            &["config", "--redirect", "iptables"],
+            &[("SIDECAR_WORKER_THREADS", "2")],
+        )
+        .unwrap() else {
+            panic!("expected config")
+        };
+        let config = settings.resolve().unwrap();
+        let text = crate::config::show::render(&settings, &config, ShowFormat::Text);
+        assert!(
+            text.contains("redirect = iptables  (flag --redirect)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("worker-threads = 2  (env SIDECAR_WORKER_THREADS)"),
+            "{text}"
+        );
+        let Loaded::Config { settings, .. } = load_with(&["config"], &[]).unwrap() else {
+            panic!("expected config")
+        };
+        let config = settings.resolve().unwrap();
+        let text = crate::config::show::render(&settings, &config, ShowFormat::Text);
+        assert!(text.contains("redirect = ebpf  (default)"), "{text}");
+        assert!(
+            text.contains("worker-threads = <unset>  (default)"),
             "{text}"
         );
     }

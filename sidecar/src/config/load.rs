@@ -131,6 +131,7 @@ impl Settings {
     /// Runs the export and resource resolvers; the error is `<where>: <problem>` with the
     /// setting named as the user supplied it.
     pub fn resolve(&self) -> Result<RunConfig, String> {
+        self.check_redirect_policy()?;
         let export = self
             .args
             .export_options()
@@ -146,6 +147,43 @@ impl Settings {
             export,
             resource,
         })
+    }
+
+    /// The eBPF interception policy (`--exclude-*`, `--include-*`) only applies when the eBPF
+    /// programs redirect: with `--redirect iptables` or `off`, setting any of it is an error
+    /// naming the setting as supplied.
+    fn check_redirect_policy(&self) -> Result<(), String> {
+        let mode = self.args.redirect;
+        if mode.redirects_in_kernel() {
+            return Ok(());
+        }
+        let Some(policy) = crate::cli::POLICY_KEYS
+            .iter()
+            .filter_map(|key| self.get(key))
+            .find(|s| s.value.is_some())
+        else {
+            return Ok(());
+        };
+        let place = policy
+            .source
+            .locate()
+            .unwrap_or_else(|| format!("--{}", policy.key));
+        let by = self
+            .get("redirect")
+            .and_then(|s| s.source.locate())
+            .map(|p| format!(" (set by {p})"))
+            .unwrap_or_default();
+        let why = match mode {
+            crate::ebpf::RedirectMode::Iptables => {
+                "in this mode your iptables/nftables rules decide what is redirected, so the \
+                 rules belong there (e.g. `-p tcp --dport 5432 -j RETURN` before the REDIRECT)"
+            }
+            _ => "nothing is redirected in this mode, so there is nothing to exclude or include",
+        };
+        Err(format!(
+            "{place}: the eBPF interception policy does not apply with redirect mode `{mode}`{by}: \
+             {why}; remove this setting or use --redirect ebpf"
+        ))
     }
 
     /// `<where>: <problem>`: the resolvers name a setting by its environment variable; this

@@ -128,8 +128,17 @@ impl Interception {
     ///
     /// The first call loads `sk_lookup` and attaches it to the namespace; later calls only
     /// replace the listeners (slots not given are emptied). The program is attached after the
-    /// listeners are in the map. Needs Linux 5.9.
+    /// listeners are in the map. Needs Linux 5.9. Refused when the interception was attached
+    /// for a [`super::RedirectMode`] without inbound steering.
     pub fn attach_inbound(&mut self, listeners: &[BorrowedFd<'_>]) -> Result<(), EbpfError> {
+        if !self.mode.steers_inbound() {
+            return Err(EbpfError::InboundListener {
+                reason: format!(
+                    "inbound steering is not part of redirect mode `{}`",
+                    self.mode
+                ),
+            });
+        }
         let slots = listener_slots(listeners)?;
         if self.inbound.is_none() {
             let map = self

@@ -2,8 +2,9 @@
 //! configuration, attaches the programs to the pod's and the sidecar's cgroups through links,
 //! reads map statistics, and detaches everything when dropped.
 //!
-//! Attachment plan (all in multi-attach mode, so other programs keep running; see
-//! [`attach_mode`]):
+//! Attachment plan of the default redirect mode, [`RedirectMode::Ebpf`] (all in multi-attach
+//! mode, so other programs keep running; see [`attach_mode`]). The other modes attach only
+//! `sc_sockops` and the reset tracepoint: see [`RedirectMode::attach_plan`].
 //!
 //! | program         | hook                | cgroup           |
 //! |-----------------|---------------------|------------------|
@@ -65,6 +66,88 @@ pub const MAP_CONFIG: &str = "CONFIG";
 pub const MAP_ORIG_DST_BY_COOKIE: &str = "ORIG_DST_BY_COOKIE";
 /// Name of the application local address → original destination map.
 pub const MAP_ORIG_DST_BY_PEER: &str = "ORIG_DST_BY_PEER";
+
+/// How connections reach the proxy: which programs [`Interception::attach_with_mode`]
+/// attaches, and where the proxy learns a connection's original destination.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum RedirectMode {
+    /// The eBPF programs redirect: `cgroup/connect4|6` outbound, `sk_lookup` inbound,
+    /// `cgroup/getsockopt` answers `SO_ORIGINAL_DST`.
+    #[default]
+    Ebpf,
+    /// The user's iptables/nftables rules (`REDIRECT`) send the traffic to the proxy; the
+    /// original destination comes from conntrack. Only the observation programs attach.
+    Iptables,
+    /// No redirection at all: only the observation programs attach.
+    Off,
+}
+
+/// Where a program of an attach plan is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// The sidecar's own cgroup.
+    SidecarCgroup,
+    /// The target (pod/app) cgroup.
+    TargetCgroup,
+    /// The network namespace of the caller (by [`Interception::attach_inbound`]).
+    Netns,
+}
+
+/// The attach plan of [`RedirectMode::Ebpf`], in attach order: answers first, bookkeeping
+/// next, redirection last, inbound steering once the listeners are known.
+const PLAN_EBPF: &[(&str, Hook)] = &[
+    (PROG_GETSOCKOPT, Hook::SidecarCgroup),
+    (PROG_SOCKOPS, Hook::TargetCgroup),
+    (PROG_CONNECT4, Hook::TargetCgroup),
+    (PROG_CONNECT6, Hook::TargetCgroup),
+    (inbound::PROG_SK_LOOKUP, Hook::Netns),
+];
+
+/// The attach plan of the modes that do not redirect: observation only.
+const PLAN_OBSERVE: &[(&str, Hook)] = &[(PROG_SOCKOPS, Hook::TargetCgroup)];
+
+impl RedirectMode {
+    /// The mode's name as the flag takes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ebpf => "ebpf",
+            Self::Iptables => "iptables",
+            Self::Off => "off",
+        }
+    }
+
+    /// The programs this mode attaches and where, in attach order. The optional reset
+    /// tracepoint of the TCP observation (system-wide) comes with every mode and is not
+    /// listed.
+    pub fn attach_plan(self) -> &'static [(&'static str, Hook)] {
+        match self {
+            Self::Ebpf => PLAN_EBPF,
+            Self::Iptables | Self::Off => PLAN_OBSERVE,
+        }
+    }
+
+    /// Whether the mode attaches `program` (a `PROG_*` name).
+    pub fn attaches(self, program: &str) -> bool {
+        self.attach_plan().iter().any(|(p, _)| *p == program)
+    }
+
+    /// Whether the eBPF programs redirect connections in this mode (so the interception
+    /// policy maps and inbound steering are used).
+    pub fn redirects_in_kernel(self) -> bool {
+        self.attaches(PROG_CONNECT4)
+    }
+
+    /// Whether inbound connections are steered by `sk_lookup` in this mode.
+    pub fn steers_inbound(self) -> bool {
+        self.attaches(inbound::PROG_SK_LOOKUP)
+    }
+}
+
+impl std::fmt::Display for RedirectMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// `statfs` magic of a cgroup v2 filesystem (`CGROUP2_SUPER_MAGIC`).
 pub const CGROUP2_SUPER_MAGIC: u64 = 0x6367_7270;
@@ -256,6 +339,8 @@ pub struct Interception {
     inbound: Option<inbound::Inbound>,
     /// The TCP observation reader until [`Interception::take_observer`] hands it out.
     observer: Option<observe::TcpObserver>,
+    /// Which programs were attached.
+    mode: RedirectMode,
 }
 
 impl std::fmt::Debug for Interception {
@@ -263,14 +348,23 @@ impl std::fmt::Debug for Interception {
         f.debug_struct("Interception")
             .field("target_cgroup", &self.target_cgroup)
             .field("sidecar_cgroup", &self.sidecar_cgroup)
+            .field("mode", &self.mode)
             .finish_non_exhaustive()
     }
 }
 
 impl Interception {
     /// Validates the cgroups, loads the programs, writes their configuration and attaches
-    /// them. On error nothing stays attached.
+    /// them ([`RedirectMode::Ebpf`]). On error nothing stays attached.
     pub fn attach(cfg: &InterceptConfig) -> Result<Self, EbpfError> {
+        Self::attach_with_mode(cfg, RedirectMode::Ebpf)
+    }
+
+    /// Like [`Interception::attach`], attaching the cgroup programs of `mode`'s
+    /// [`attach plan`](RedirectMode::attach_plan) only (the `sk_lookup` program of the plan is
+    /// attached later by [`Interception::attach_inbound`]). The TCP observation (ring buffer,
+    /// reset tracepoint) is set up in every mode.
+    pub fn attach_with_mode(cfg: &InterceptConfig, mode: RedirectMode) -> Result<Self, EbpfError> {
         check_cgroup_dir(&cfg.target_cgroup)?;
         let sidecar_cgroup = match &cfg.sidecar_cgroup {
             Some(dir) => dir.clone(),
@@ -284,14 +378,22 @@ impl Interception {
                 path: cfg.target_cgroup.clone(),
             });
         }
-        if cfg.outbound_port == 0 {
+        if cfg.outbound_port == 0 && mode.redirects_in_kernel() {
             warn!("outbound port 0: the programs are attached but redirect nothing");
         }
+        let cgroup_programs: Vec<(&'static str, Hook)> = mode
+            .attach_plan()
+            .iter()
+            .copied()
+            .filter(|(_, hook)| *hook != Hook::Netns)
+            .collect();
 
         let mut bpf = load_object()?;
         write_config(&mut bpf, cfg.outbound_port, sidecar_id)?;
         for program in PROGRAMS {
-            load_program(&mut bpf, program)?;
+            if cgroup_programs.iter().any(|(p, _)| *p == program) {
+                load_program(&mut bpf, program)?;
+            }
         }
         // TCP observation: reset tracepoint and ring buffer, ready before sockops runs.
         let observer = observe::prepare(&mut bpf)?;
@@ -300,17 +402,21 @@ impl Interception {
 
         let target = open_cgroup(&cfg.target_cgroup)?;
         let sidecar = open_cgroup(&sidecar_cgroup)?;
-        // Answers first, bookkeeping next, redirection last: a connection is only redirected
-        // once everything that serves it is in place. On error `bpf` is dropped, which
-        // detaches whatever was attached already.
-        attach_one(&mut bpf, PROG_GETSOCKOPT, &sidecar, &sidecar_cgroup)?;
-        attach_one(&mut bpf, PROG_SOCKOPS, &target, &cfg.target_cgroup)?;
-        attach_one(&mut bpf, PROG_CONNECT4, &target, &cfg.target_cgroup)?;
-        attach_one(&mut bpf, PROG_CONNECT6, &target, &cfg.target_cgroup)?;
+        // In plan order: answers first, bookkeeping next, redirection last, so a connection
+        // is only redirected once everything that serves it is in place. On error `bpf` is
+        // dropped, which detaches whatever was attached already.
+        for (program, hook) in cgroup_programs {
+            let (fd, path) = match hook {
+                Hook::SidecarCgroup => (&sidecar, sidecar_cgroup.as_path()),
+                _ => (&target, cfg.target_cgroup.as_path()),
+            };
+            attach_one(&mut bpf, program, fd, path)?;
+        }
         info!(
             target_cgroup = %cfg.target_cgroup.display(),
             sidecar_cgroup = %sidecar_cgroup.display(),
             outbound_port = cfg.outbound_port,
+            redirect = %mode,
             "eBPF interception attached"
         );
         Ok(Self {
@@ -320,7 +426,13 @@ impl Interception {
             policy: std::sync::Mutex::new(policy),
             inbound: None,
             observer: Some(observer),
+            mode,
         })
+    }
+
+    /// The redirect mode the programs were attached for.
+    pub fn mode(&self) -> RedirectMode {
+        self.mode
     }
 
     /// Detaches every program now (dropping the value does the same).
@@ -803,6 +915,67 @@ cgroup2 /elsewhere cgroup2 rw 0 0
         let text = denied.to_string();
         assert!(text.contains("permission denied"), "{text}");
         assert!(text.contains("CAP_BPF"), "{text}");
+    }
+
+    #[test]
+    fn attach_plan_per_redirect_mode() {
+        let names = |m: RedirectMode| -> Vec<&str> {
+            m.attach_plan().iter().map(|(p, _)| *p).collect::<Vec<_>>()
+        };
+        // Today's behaviour: every program, answers before redirection.
+        assert_eq!(
+            names(RedirectMode::Ebpf),
+            [
+                PROG_GETSOCKOPT,
+                PROG_SOCKOPS,
+                PROG_CONNECT4,
+                PROG_CONNECT6,
+                inbound::PROG_SK_LOOKUP
+            ]
+        );
+        assert_eq!(
+            RedirectMode::Ebpf.attach_plan()[0],
+            (PROG_GETSOCKOPT, Hook::SidecarCgroup)
+        );
+        assert!(RedirectMode::Ebpf
+            .attach_plan()
+            .iter()
+            .all(|(p, h)| (*p == PROG_GETSOCKOPT) == (*h == Hook::SidecarCgroup)));
+        assert!(RedirectMode::Ebpf.redirects_in_kernel());
+        assert!(RedirectMode::Ebpf.steers_inbound());
+        // Observation only: sockops on the target, nothing that redirects or answers.
+        for mode in [RedirectMode::Iptables, RedirectMode::Off] {
+            assert_eq!(
+                mode.attach_plan(),
+                [(PROG_SOCKOPS, Hook::TargetCgroup)],
+                "{mode}"
+            );
+            for p in [
+                PROG_CONNECT4,
+                PROG_CONNECT6,
+                PROG_GETSOCKOPT,
+                inbound::PROG_SK_LOOKUP,
+            ] {
+                assert!(!mode.attaches(p), "{mode} attaches {p}");
+            }
+            assert!(!mode.redirects_in_kernel());
+            assert!(!mode.steers_inbound());
+        }
+        // Every planned cgroup program is one the object has and `attach` loads.
+        for mode in [
+            RedirectMode::Ebpf,
+            RedirectMode::Iptables,
+            RedirectMode::Off,
+        ] {
+            for (p, hook) in mode.attach_plan() {
+                assert!(
+                    PROGRAMS.contains(p) || *hook == Hook::Netns,
+                    "{mode}: {p} is not a cgroup program"
+                );
+            }
+        }
+        assert_eq!(RedirectMode::default(), RedirectMode::Ebpf);
+        assert_eq!(RedirectMode::Iptables.to_string(), "iptables");
     }
 
     #[test]
