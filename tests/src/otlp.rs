@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -379,6 +380,36 @@ struct Store {
 struct Shared {
     store: Arc<Mutex<Store>>,
     notify: Arc<Notify>,
+    /// Count only (benchmarks): keep no request, no payload, no header; just [`Counts`].
+    count_only: bool,
+    counts: Arc<AtomicCounts>,
+}
+
+/// What a receiver has been sent, counted whether or not it stores the payloads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Trace export calls.
+    pub trace_requests: u64,
+    /// Spans in them.
+    pub spans: u64,
+    /// Metric export calls.
+    pub metric_requests: u64,
+}
+
+#[derive(Debug, Default)]
+struct AtomicCounts {
+    trace_requests: AtomicU64,
+    spans: AtomicU64,
+    metric_requests: AtomicU64,
+}
+
+/// Spans in an export request.
+fn span_count(req: &ExportTraceServiceRequest) -> u64 {
+    req.resource_spans
+        .iter()
+        .flat_map(|r| &r.scope_spans)
+        .map(|s| s.spans.len() as u64)
+        .sum()
 }
 
 impl Shared {
@@ -389,6 +420,9 @@ impl Shared {
 
     /// Records a request; returns the fault to answer with (`Fault::None`: accept).
     fn arrive(&self, mut info: RequestInfo) -> Fault {
+        if self.count_only {
+            return Fault::None;
+        }
         let mut store = self.lock();
         let fault = store.fault;
         info.rejected = fault != Fault::None;
@@ -502,6 +536,15 @@ impl TraceService for Shared {
             return Err(fault_status(retry_after));
         }
         let req = request.into_inner();
+        self.counts.trace_requests.fetch_add(1, Ordering::Relaxed);
+        self.counts
+            .spans
+            .fetch_add(span_count(&req), Ordering::Relaxed);
+        if self.count_only {
+            return Ok(tonic::Response::new(ExportTraceServiceResponse {
+                partial_success: None,
+            }));
+        }
         tracing::debug!(
             resources = req.resource_spans.len(),
             "otlp receiver: traces"
@@ -526,6 +569,12 @@ impl MetricsService for Shared {
             return Err(fault_status(retry_after));
         }
         let req = request.into_inner();
+        self.counts.metric_requests.fetch_add(1, Ordering::Relaxed);
+        if self.count_only {
+            return Ok(tonic::Response::new(ExportMetricsServiceResponse {
+                partial_success: None,
+            }));
+        }
         tracing::debug!(
             resources = req.resource_metrics.len(),
             "otlp receiver: metrics"
@@ -593,6 +642,7 @@ pub struct OtlpReceiverBuilder {
     http_addr: SocketAddr,
     http: bool,
     tls: Option<ServerTls>,
+    count_only: bool,
 }
 
 impl OtlpReceiverBuilder {
@@ -606,6 +656,14 @@ impl OtlpReceiverBuilder {
     /// of the same IP (see [`OtlpReceiver::http_endpoint`]).
     pub fn http(mut self, on: bool) -> Self {
         self.http = on;
+        self
+    }
+
+    /// Keep nothing received over gRPC, only count calls and spans ([`OtlpReceiver::counts`]): for benchmarks,
+    /// whose millions of spans would otherwise all be kept in memory. The accessors of stored
+    /// data (spans, metrics, requests) then see nothing.
+    pub fn count_only(mut self, on: bool) -> Self {
+        self.count_only = on;
         self
     }
 
@@ -707,7 +765,7 @@ impl OtlpReceiverBuilder {
                 "client_ca needs tls(cert, key) as well"
             );
         }
-        let mut rx = OtlpReceiver::serve(listener, self.tls.as_ref())?;
+        let mut rx = OtlpReceiver::serve(listener, self.tls.as_ref(), self.count_only)?;
         if let Some(listener) = http {
             rx.http_addr = Some(
                 listener
@@ -736,6 +794,7 @@ impl OtlpReceiver {
             http_addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             http: false,
             tls: None,
+            count_only: false,
         }
     }
 
@@ -749,7 +808,7 @@ impl OtlpReceiver {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding the OTLP receiver on {addr}"))?;
-        Self::serve(listener, None)
+        Self::serve(listener, None, false)
     }
 
     /// Starts a receiver on an already bound listener, e.g. one created inside a network
@@ -760,16 +819,22 @@ impl OtlpReceiver {
             .context("making the OTLP receiver's listener non-blocking")?;
         let listener = tokio::net::TcpListener::from_std(listener)
             .context("registering the OTLP receiver's listener with tokio")?;
-        Self::serve(listener, None)
+        Self::serve(listener, None, false)
     }
 
-    fn serve(listener: tokio::net::TcpListener, tls: Option<&ServerTls>) -> anyhow::Result<Self> {
+    fn serve(
+        listener: tokio::net::TcpListener,
+        tls: Option<&ServerTls>,
+        count_only: bool,
+    ) -> anyhow::Result<Self> {
         let addr = listener
             .local_addr()
             .context("reading the OTLP receiver's address")?;
         let shared = Shared {
             store: Arc::default(),
             notify: Arc::new(Notify::new()),
+            count_only,
+            counts: Arc::default(),
         };
         let gzip = tonic::codec::CompressionEncoding::Gzip;
         let traces = TraceServiceServer::new(shared.clone())
@@ -822,6 +887,16 @@ impl OtlpReceiver {
     /// The socket address the receiver listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Export calls and spans received so far (also in count-only mode).
+    pub fn counts(&self) -> Counts {
+        let c = &self.shared.counts;
+        Counts {
+            trace_requests: c.trace_requests.load(Ordering::Relaxed),
+            spans: c.spans.load(Ordering::Relaxed),
+            metric_requests: c.metric_requests.load(Ordering::Relaxed),
+        }
     }
 
     /// The gRPC endpoint URL, `http://127.0.0.1:PORT` (`https://` with TLS; brackets for
