@@ -3,6 +3,7 @@
 //! guard that cleans up on drop, also when a test panics.
 
 pub mod admin;
+pub mod bench;
 pub mod bpf;
 pub mod cgroup;
 pub mod cmd;
