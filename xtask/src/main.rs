@@ -1,5 +1,6 @@
 //! `cargo xtask`: the single entry point for every workflow a contributor needs.
 
+mod bench;
 mod build;
 mod demo;
 mod fuzz;
@@ -31,6 +32,10 @@ enum Command {
     Fuzz(fuzz::FuzzArgs),
     /// Set up, check formatting and clippy, run unit and privileged end-to-end tests.
     Test(test::TestArgs),
+    /// Benchmarks: the direct path, the sidecar (eBPF and iptables redirection) and Envoy on
+    /// this machine, reported as ratios in docs/benchmarks.md (`--check`: fail on a missed
+    /// target; `--smoke`: prove the harness in a second per run).
+    Bench(bench::BenchArgs),
     /// Run the privileged kernel suite on the host kernel (`local`) or in qemu on Debian's
     /// kernels (`vm --kernel 5.10 --kernel 6.1 --kernel 6.12`).
     IntegrationTest(vm::IntegrationArgs),
@@ -46,6 +51,7 @@ fn main() -> std::process::ExitCode {
         Command::Fuzz(args) => fuzz::run(&args),
         Command::Test(args) => test::run(&args),
         Command::IntegrationTest(args) => vm::run(&args),
+        Command::Bench(args) => bench::run(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

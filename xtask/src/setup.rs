@@ -38,6 +38,11 @@ const PEER_PACKAGES: &[&str] = &[
     "prometheus",
     // The terminal `sidecar top` is tested in.
     "tmux",
+    // The benchmarks (`cargo xtask bench`, and its smoke run in the tests): the HTTP/1.1 load
+    // generator, the server, and the iptables REDIRECT variants (sidecar and Envoy).
+    "wrk",
+    "nginx-light",
+    "iptables",
 ];
 
 /// What `cargo xtask integration-test vm` needs: qemu (software emulation), a static busybox
@@ -212,7 +217,7 @@ pub fn venv_python() -> PathBuf {
 }
 
 /// Modules the peers import from the virtualenv (what tests/peers/requirements.txt provides).
-const VENV_IMPORTS: &str = "import grpc, websockets, kubernetes_validate, yaml";
+const VENV_IMPORTS: &str = "import grpc, websockets, kubernetes_validate, yaml, envoy";
 
 /// Project-local virtualenv for the Python test peers listed in tests/peers/requirements.txt,
 /// made with the `python3` first on PATH. Recreated when its interpreter no longer runs (e.g.

@@ -3,6 +3,7 @@
 
 use anyhow::{Context, Result};
 
+use crate::bench;
 use crate::build;
 use crate::fuzz;
 use crate::setup;
@@ -25,7 +26,14 @@ pub fn run_all() -> Result<()> {
         // The fuzz crate is a workspace of its own.
         sh(util::cargo().args(["fmt", "--manifest-path", "fuzz/Cargo.toml", "--", "--check"]))
     })?;
-    step("build (eBPF object + release agent)", build::all)?;
+    // One build of everything the later steps run (see `build::PACKAGES`): the agent, the
+    // benchmark driver, the examples and every test binary.
+    let mut tests = Vec::new();
+    step("build (eBPF object, agent, test binaries)", || {
+        build::all()?;
+        tests = build::test_executables()?;
+        Ok(())
+    })?;
     let obj = build::ebpf_object();
     step("clippy -D warnings", || {
         sh(util::cargo().env("SIDECAR_EBPF_OBJECT", &obj).args([
@@ -38,30 +46,44 @@ pub fn run_all() -> Result<()> {
         ]))
     })?;
     step("unit and kernel tests", || {
-        sh(util::cargo()
-            .env("SIDECAR_EBPF_OBJECT", &obj)
-            .args(["test", "--release"])
-            .args(vm::UNIT_TEST_PACKAGES.iter().flat_map(|p| ["--package", p])))
+        let unit: Vec<&build::TestExe> = tests
+            .iter()
+            .filter(|t| t.package != "sidecar-tests")
+            .collect();
+        build::run_tests(&unit, &[], &[])?;
+        // The tests crate's own unit tests (parsers, reports); its end-to-end tests come later.
+        let bed: Vec<&build::TestExe> = tests
+            .iter()
+            .filter(|t| t.package == "sidecar-tests" && t.kind == "lib")
+            .collect();
+        build::run_tests(&bed, &[], &[])?;
+        sh(build::cargo_with_object()
+            .args(["test", "--release", "--doc"])
+            .args(build::package_args()))?;
+        // xtask alone, as `cargo xtask` builds it (no rebuild of its dependencies).
+        sh(util::cargo().args(["test", "--release", "--package", "xtask"]))
     })?;
     step("fuzz smoke (bounded)", || {
         fuzz::run_plan(&fuzz::Plan::all(fuzz::SMOKE_SECONDS, fuzz::SMOKE_SANITIZER))
     })?;
+    let e2e_env = [
+        ("SIDECAR_EBPF_OBJECT", obj.clone()),
+        ("SIDECAR_BIN", build::sidecar_binary()),
+        // The peers' virtualenv (grpcio, websockets, Envoy) made by the set-up step above.
+        ("SIDECAR_TESTS_PYTHON", setup::venv_python()),
+    ];
     step("end-to-end tests (root, network namespaces, eBPF)", || {
-        sh(util::cargo()
-            .env("SIDECAR_EBPF_OBJECT", &obj)
-            .env("SIDECAR_BIN", build::sidecar_binary())
-            // The peers' virtualenv (grpcio, websockets) made by the set-up step above.
-            .env("SIDECAR_TESTS_PYTHON", setup::venv_python())
-            .args([
-                "test",
-                "--release",
-                "--package",
-                "sidecar-tests",
-                "--",
-                "--test-threads=1",
-            ]))
+        let e2e: Vec<&build::TestExe> = tests
+            .iter()
+            .filter(|t| t.package == "sidecar-tests" && t.kind == "test")
+            .collect();
+        build::run_tests(&e2e, &["--test-threads=1"], &e2e_env)
     })
     .context("end-to-end tests failed")?;
+    step(
+        "benchmark harness smoke (every scenario and variant, 1 s each)",
+        bench::smoke_prebuilt,
+    )?;
     // The oldest supported kernel, in qemu: the kernel programs and their tests on 5.10 (the
     // end-to-end test in the VM adds 2.5 min, beyond CI's budget; `integration-test vm` runs it).
     step("kernel suite in a VM (Linux 5.10, qemu TCG)", || {

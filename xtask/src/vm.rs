@@ -110,9 +110,6 @@ fn parse_series(s: &str) -> Result<&'static Series, String> {
     })
 }
 
-/// The packages `cargo xtask test` unit-tests (its test binaries include the kernel tests).
-pub const UNIT_TEST_PACKAGES: &[&str] = &["sidecar-common", "sidecar", "xtask"];
-
 /// End-to-end tests of `tests/` in the suite: the real agent binary in a pod world of
 /// namespaces and cgroups, with curl and Python's standard library as peers (the tests that
 /// need the venv's packages, nghttp2 or Prometheus run on the host only).
@@ -221,16 +218,25 @@ impl Suite {
             .filter(|n| n.starts_with("ebpf_"))
             .collect();
         names.sort();
-        // The same packages as the unit-test and end-to-end steps of `cargo xtask test`: the
+        // The same selection as every other build and test step (`build::PACKAGES`): the
         // same feature unification, so nothing is rebuilt after them.
-        let mut tests = test_executables(UNIT_TEST_PACKAGES, &names)?;
         let e2e: Vec<String> = match kind {
             SuiteKind::Full => E2E_TESTS.iter().map(|t| t.to_string()).collect(),
             SuiteKind::Kernel => Vec::new(),
         };
-        if !e2e.is_empty() {
-            tests.extend(test_executables(&["sidecar-tests"], &e2e)?);
-        }
+        let all = build::test_executables()?;
+        let pick = |package: &str, names: &[String]| -> Vec<(String, PathBuf)> {
+            names
+                .iter()
+                .filter_map(|n| {
+                    all.iter()
+                        .find(|t| t.package == package && t.kind == "test" && &t.name == n)
+                        .map(|t| (n.clone(), t.path.clone()))
+                })
+                .collect()
+        };
+        let mut tests = pick("sidecar", &names);
+        tests.extend(pick("sidecar-tests", &e2e));
         let wanted = names.len() + e2e.len();
         if tests.len() != wanted {
             bail!(
@@ -260,44 +266,6 @@ impl Suite {
         }
         steps
     }
-}
-
-/// Builds the test targets of `packages` (release, without running them) and returns the
-/// executables of those named in `names`, in that order.
-fn test_executables(packages: &[&str], names: &[String]) -> Result<Vec<(String, PathBuf)>> {
-    let out = Command::new(util::cargo().get_program())
-        .current_dir(util::workspace_root())
-        .env("SIDECAR_EBPF_OBJECT", build::ebpf_object())
-        .args(["test", "--release"])
-        .args(packages.iter().flat_map(|p| ["--package", p]))
-        .args(["--no-run", "--message-format=json"])
-        .stderr(Stdio::inherit())
-        .output()
-        .context("cannot run cargo test --no-run")?;
-    if !out.status.success() {
-        bail!("building the test binaries failed ({})", out.status);
-    }
-    let mut found = Vec::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        let is_test_target = msg["reason"] == "compiler-artifact"
-            && msg["target"]["kind"]
-                .as_array()
-                .is_some_and(|k| k.iter().any(|k| k == "test"));
-        if let (true, Some(exe), Some(name)) = (
-            is_test_target,
-            msg["executable"].as_str(),
-            msg["target"]["name"].as_str(),
-        ) {
-            if names.iter().any(|n| n == name) {
-                found.push((name.to_string(), PathBuf::from(exe)));
-            }
-        }
-    }
-    found.sort_by_key(|(name, _)| names.iter().position(|n| n == name));
-    Ok(found)
 }
 
 fn run_local(suite: &Suite) -> Result<()> {
