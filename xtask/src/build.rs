@@ -33,6 +33,7 @@ pub fn ebpf() -> Result<()> {
     ] {
         cmd.env_remove(var);
     }
+    util::strip_cargo_run_env(&mut cmd);
     cmd.current_dir(util::workspace_root())
         .env("RUSTC_BOOTSTRAP", "1")
         .env("RUSTFLAGS", "-C debuginfo=2 -C link-arg=--btf")

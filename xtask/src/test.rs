@@ -45,18 +45,24 @@ pub fn run_all() -> Result<()> {
             "warnings",
         ]))
     })?;
+    let e2e_env = [
+        ("SIDECAR_EBPF_OBJECT", obj.clone()),
+        ("SIDECAR_BIN", build::sidecar_binary()),
+        // The peers' virtualenv (grpcio, websockets, Envoy) made by the set-up step above.
+        ("SIDECAR_TESTS_PYTHON", setup::venv_python()),
+    ];
     step("unit and kernel tests", || {
         let unit: Vec<&build::TestExe> = tests
             .iter()
             .filter(|t| t.package != "sidecar-tests")
             .collect();
-        build::run_tests(&unit, &[], &[])?;
+        build::run_tests(&unit, &[], &e2e_env)?;
         // The tests crate's own unit tests (parsers, reports); its end-to-end tests come later.
         let bed: Vec<&build::TestExe> = tests
             .iter()
             .filter(|t| t.package == "sidecar-tests" && t.kind == "lib")
             .collect();
-        build::run_tests(&bed, &[], &[])?;
+        build::run_tests(&bed, &[], &e2e_env)?;
         sh(build::cargo_with_object()
             .args(["test", "--release", "--doc"])
             .args(build::package_args()))?;
@@ -66,12 +72,6 @@ pub fn run_all() -> Result<()> {
     step("fuzz smoke (bounded)", || {
         fuzz::run_plan(&fuzz::Plan::all(fuzz::SMOKE_SECONDS, fuzz::SMOKE_SANITIZER))
     })?;
-    let e2e_env = [
-        ("SIDECAR_EBPF_OBJECT", obj.clone()),
-        ("SIDECAR_BIN", build::sidecar_binary()),
-        // The peers' virtualenv (grpcio, websockets, Envoy) made by the set-up step above.
-        ("SIDECAR_TESTS_PYTHON", setup::venv_python()),
-    ];
     step("end-to-end tests (root, network namespaces, eBPF)", || {
         let e2e: Vec<&build::TestExe> = tests
             .iter()

@@ -47,9 +47,34 @@ pub fn is_root() -> bool {
 }
 
 /// The cargo binary that runs this xtask (so nested builds use the same toolchain).
+///
+/// Without the variables `cargo run` sets for xtask itself (`CARGO_MANIFEST_DIR`,
+/// `CARGO_PKG_*`, ...): build scripts that read one (ring's reads `CARGO_MANIFEST_DIR`) are
+/// fingerprinted with the value cargo saw, so a nested build with xtask's values and the outer
+/// `cargo xtask` build without them rebuilt ring, rustls, tonic and the rest, each time.
 pub fn cargo() -> Command {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace_root());
+    strip_cargo_run_env(&mut cmd);
     cmd
+}
+
+/// Removes from `cmd` the variables `cargo run` set for this process (see [`cargo`]).
+pub fn strip_cargo_run_env(cmd: &mut Command) {
+    for (name, _) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        let set_by_cargo_run = matches!(
+            name,
+            "CARGO_MANIFEST_DIR"
+                | "CARGO_MANIFEST_PATH"
+                | "CARGO_CRATE_NAME"
+                | "CARGO_BIN_NAME"
+                | "CARGO_PRIMARY_PACKAGE"
+                | "CARGO_RUSTC_CURRENT_DIR"
+        ) || name.starts_with("CARGO_PKG_");
+        if set_by_cargo_run {
+            cmd.env_remove(name);
+        }
+    }
 }
