@@ -2,7 +2,7 @@
 //! running code or commands inside them.
 
 use std::fs::File;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -85,22 +85,30 @@ impl Netns {
         F: FnOnce() -> T + Send,
         T: Send,
     {
-        let path = self.path();
-        let file = File::open(&path).ctx(|| format!("opening {}", path.display()))?;
-        std::thread::scope(|s| {
-            s.spawn(move || {
-                setns(&file, CloneFlags::CLONE_NEWNET)
-                    .sys_ctx(|| format!("entering network namespace {}", path.display()))?;
-                Ok(f())
-            })
-            .join()
-            .unwrap_or_else(|_| {
-                Err(Error::Unexpected(
-                    "a closure run inside a network namespace panicked".into(),
-                ))
-            })
-        })
+        enter_path(&self.path(), f)
     }
+}
+
+/// [`Netns::enter`] for the namespace at `path` (e.g. one kept by path, not by a [`Netns`]).
+pub fn enter_path<T, F>(path: &Path, f: F) -> Result<T>
+where
+    F: FnOnce() -> T + Send,
+    T: Send,
+{
+    let file = File::open(path).ctx(|| format!("opening {}", path.display()))?;
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            setns(&file, CloneFlags::CLONE_NEWNET)
+                .sys_ctx(|| format!("entering network namespace {}", path.display()))?;
+            Ok(f())
+        })
+        .join()
+        .unwrap_or_else(|_| {
+            Err(Error::Unexpected(
+                "a closure run inside a network namespace panicked".into(),
+            ))
+        })
+    })
 }
 
 impl Drop for Netns {

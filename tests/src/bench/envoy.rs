@@ -11,7 +11,6 @@
 //! OTLP/gRPC in batches as large as the sidecar's.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -21,11 +20,9 @@ use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use nix::sched::{setns, CloneFlags};
-
 use crate::cgroup::{cgroup2_mount, Cgroup};
 use crate::cmd::{run_ok, run_timeout, ADMIN_TIMEOUT};
-use crate::error::{Error, IoContext, Result, SysContext};
+use crate::error::{Error, IoContext, Result};
 use crate::netns::Netns;
 use crate::process::{command_in, Child};
 use crate::venv::python_venv;
@@ -404,7 +401,7 @@ impl Envoy {
     /// `GET path` on the admin interface: status code and body (chunked encoding removed).
     pub fn admin_get(&self, path: &str) -> Result<(u16, String)> {
         let admin = self.admin;
-        let stream = enter_path(&self.netns, move || {
+        let stream = crate::netns::enter_path(&self.netns, move || {
             TcpStream::connect_timeout(&admin, ADMIN_REQUEST_TIMEOUT)
         })?
         .ctx(|| format!("connecting to envoy's admin interface at {admin}"))?;
@@ -459,25 +456,6 @@ impl Drop for Envoy {
             );
         }
     }
-}
-
-/// Runs `f` on a fresh thread that joined the network namespace at `path` (sockets created in
-/// `f` belong to it).
-fn enter_path<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> Result<T> {
-    let file = File::open(path).ctx(|| format!("opening {}", path.display()))?;
-    thread::scope(|s| {
-        s.spawn(move || {
-            setns(&file, CloneFlags::CLONE_NEWNET)
-                .sys_ctx(|| format!("entering network namespace {}", path.display()))?;
-            Ok(f())
-        })
-        .join()
-        .unwrap_or_else(|_| {
-            Err(Error::Unexpected(
-                "a closure run inside a network namespace panicked".into(),
-            ))
-        })
-    })
 }
 
 /// One HTTP/1.1 `GET` with `Connection: close` (Envoy's admin refuses HTTP/1.0).

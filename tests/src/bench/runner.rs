@@ -1,9 +1,12 @@
-//! Runs the measurements: for each repetition and variant a fresh [`BenchWorld`] (so no
-//! connection state, TIME_WAIT socket or netfilter table of one variant touches the next), the
-//! proxy started, a warm-up, then every scenario: a flat-out throughput run (CPU time of the
-//! proxy read around it), a fixed-rate latency run, the proxy's peak RSS.
+//! Runs the measurements. Every variant gets its own [`BenchWorld`] (namespaces, cgroups,
+//! nginx, receivers) with its proxy, all started at once and warmed up; then each scenario is
+//! measured round robin over the variants (see [`round_robin`]): a flat-out throughput run
+//! with the proxy's CPU time read around it, a fixed-rate latency run, the proxy's peak RSS.
+//! Separate worlds keep one variant's connections, TIME_WAIT sockets and netfilter tables away
+//! from the others; running them side by side keeps their samples close in time.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::bench::envoy::{self, Envoy, EnvoyConfig};
@@ -49,12 +52,18 @@ pub struct Options {
 }
 
 impl Options {
+    /// True for a variant measured only for the observation overhead (its latency is not
+    /// reported).
+    fn observation_only(&self, variant: Variant) -> bool {
+        variant == Variant::DirectObserved && !self.variants.contains(&variant)
+    }
+
     /// The full benchmark.
     pub fn full() -> Self {
         Self {
-            reps: 3,
-            throughput: Duration::from_secs(5),
-            latency: Duration::from_secs(5),
+            reps: 5,
+            throughput: Duration::from_secs(3),
+            latency: Duration::from_secs(3),
             connections: 16,
             rate: 2000.0,
             proxy_workers: 1,
@@ -65,7 +74,7 @@ impl Options {
                 Variant::SidecarIptables,
                 Variant::Envoy,
             ],
-            observation_reps: 5,
+            observation_reps: 8,
             spans: None,
             smoke: false,
         }
@@ -344,68 +353,133 @@ fn measure(
     })
 }
 
-/// Pause after a world is torn down, so the kernel's clean-up of its namespaces (sockets in
-/// TIME_WAIT among them) is not billed to the next measurement.
-const SETTLE: Duration = Duration::from_millis(1500);
+/// Set by [`request_stop`] (the driver's SIGINT/SIGTERM handler): the run stops before its next
+/// measurement and tears everything down.
+static STOP: AtomicBool = AtomicBool::new(false);
 
-/// Runs one variant in a fresh world: start, warm up, every scenario, stop.
-fn run_variant(
-    rt: &tokio::runtime::Runtime,
-    variant: Variant,
-    scenarios: &[Scenario],
-    opts: &Options,
-) -> Result<Vec<(Scenario, Sample)>> {
-    let world = rt.block_on(BenchWorld::new("bench"))?;
-    let proxy = start_proxy(&world, variant, opts)?;
-    // Warm-up: connections, allocator, caches; not measured.
-    Load::Wrk(Wrk {
-        url: BenchWorld::url(NGINX_H1_PORT, "/1k.bin"),
-        connections: opts.connections,
-        duration: Duration::from_secs(1),
-        rate: None,
-        close: false,
-    })
-    .run(&world)?;
-    let mut out = Vec::new();
-    for &scenario in scenarios {
-        let sample = measure(&world, &proxy, scenario, opts).map_err(|e| {
-            Error::Unexpected(format!(
-                "{} over {}: {e}",
-                scenario.as_str(),
-                variant.as_str()
-            ))
-        })?;
-        eprintln!(
-            "bench: {:<10} {:<17} {:>9.0} req/s  p99 {:>8}  cpu/1k {:>8}  rss {:>8}  errors {}",
-            scenario.as_str(),
-            variant.as_str(),
-            sample.throughput_rps,
-            sample
-                .latency
-                .map_or("-".into(), |l| format!("{:.0}us", l.p99_us)),
-            sample
-                .cpu_s_per_1k
-                .map_or("-".into(), |c| format!("{c:.4}s")),
-            sample
-                .peak_rss_kib
-                .map_or("-".into(), |r| format!("{:.1}MiB", r as f64 / 1024.0)),
-            sample.errors
-        );
-        out.push((scenario, sample));
+/// Asks the run to stop at the next measurement (async-signal-safe: one atomic store).
+pub fn request_stop() {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn check_stop() -> Result<()> {
+    if STOP.load(Ordering::SeqCst) {
+        Err(Error::Unexpected("interrupted".into()))
+    } else {
+        Ok(())
     }
-    if variant == Variant::SidecarEbpf || variant == Variant::Envoy {
-        let spans = world.telemetry.counts().spans;
-        if spans == 0 && !opts.smoke {
-            return Err(Error::Unexpected(format!(
+}
+
+/// A variant's own world with its proxy running.
+struct Running {
+    variant: Variant,
+    proxy: Proxy,
+    world: BenchWorld,
+}
+
+/// Starts a world and the proxy of each variant, all at once, and warms each up.
+fn start_all(
+    rt: &tokio::runtime::Runtime,
+    variants: &[Variant],
+    opts: &Options,
+) -> Result<Vec<Running>> {
+    let mut running = Vec::new();
+    for &variant in variants {
+        check_stop()?;
+        let world = rt.block_on(BenchWorld::new(&format!("b{}", running.len())))?;
+        let proxy = start_proxy(&world, variant, opts)?;
+        // Warm-up: connections, allocator, caches; not measured.
+        Load::Wrk(Wrk {
+            url: BenchWorld::url(NGINX_H1_PORT, "/1k.bin"),
+            connections: opts.connections,
+            duration: Duration::from_secs(1),
+            rate: None,
+            close: false,
+        })
+        .run(&world)?;
+        running.push(Running {
+            variant,
+            proxy,
+            world,
+        });
+    }
+    Ok(running)
+}
+
+/// Checks that each proxy's telemetry was on, stops the proxies and removes the worlds.
+fn stop_all(running: Vec<Running>, opts: &Options) -> Result<()> {
+    let mut first_error = None;
+    for r in running {
+        if matches!(r.variant, Variant::SidecarEbpf | Variant::Envoy)
+            && !opts.smoke
+            && r.world.telemetry.counts().spans == 0
+        {
+            first_error.get_or_insert(Error::Unexpected(format!(
                 "{}: no span reached the OTLP receiver: its telemetry was not on",
-                variant.as_str()
+                r.variant.as_str()
             )));
         }
+        if let Err(e) = r.proxy.stop() {
+            first_error.get_or_insert(e);
+        }
+        drop(r.world);
     }
-    proxy.stop()?;
-    drop(world);
-    std::thread::sleep(SETTLE);
-    Ok(out)
+    first_error.map_or(Ok(()), Err)
+}
+
+/// One sample of `scenario` over `r`, logged.
+fn sample(r: &Running, scenario: Scenario, opts: &Options) -> Result<Sample> {
+    check_stop()?;
+    let sample = measure(&r.world, &r.proxy, scenario, opts).map_err(|e| {
+        Error::Unexpected(format!(
+            "{} over {}: {e}",
+            scenario.as_str(),
+            r.variant.as_str()
+        ))
+    })?;
+    eprintln!(
+        "bench: {:<10} {:<17} {:>9.0} req/s  p99 {:>8}  cpu/1k {:>8}  rss {:>8}  errors {}",
+        scenario.as_str(),
+        r.variant.as_str(),
+        sample.throughput_rps,
+        sample
+            .latency
+            .map_or("-".into(), |l| format!("{:.0}us", l.p99_us)),
+        sample
+            .cpu_s_per_1k
+            .map_or("-".into(), |c| format!("{c:.4}s")),
+        sample
+            .peak_rss_kib
+            .map_or("-".into(), |r| format!("{:.1}MiB", r as f64 / 1024.0)),
+        sample.errors
+    );
+    Ok(sample)
+}
+
+/// Measures `scenario` `reps` times over every running variant, round robin: repetition `i`
+/// of every variant, then repetition `i + 1` with the order rotated, so the samples of two
+/// variants with the same index were taken seconds apart and drift on a shared machine (other
+/// tenants, CPU steal) hits both alike.
+fn round_robin(
+    running: &[&Running],
+    scenario: Scenario,
+    reps: usize,
+    opts: &Options,
+    out: &mut Vec<Measurement>,
+) -> Result<()> {
+    let n = running.len();
+    for rep in 0..reps {
+        for k in 0..n {
+            if let Some(r) = running.get((k + rep) % n) {
+                let mut s = sample(r, scenario, opts)?;
+                if opts.observation_only(r.variant) {
+                    s.latency = None;
+                }
+                push(out, scenario, r.variant, s);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Runs everything `opts` asks for.
@@ -415,47 +489,70 @@ pub fn run(rt: &tokio::runtime::Runtime, opts: &Options, info: RunInfo) -> Resul
         info,
         ..Results::default()
     };
-    // The connection-rate runs last in each world: their TIME_WAIT sockets stay behind.
-    let mut scenarios = opts.scenarios.clone();
-    scenarios.sort_by_key(|s| *s == Scenario::ConnRate);
     let mut variants = opts.variants.clone();
-    for rep in 0..opts.reps {
-        for &variant in &variants {
+    if opts.observation_reps > 0 {
+        for v in [Variant::Direct, Variant::DirectObserved] {
+            if !variants.contains(&v) {
+                variants.push(v);
+            }
+        }
+    }
+    eprintln!("bench: starting {} worlds", variants.len());
+    let running = start_all(rt, &variants, opts)?;
+    let outcome = (|| -> Result<()> {
+        let main: Vec<&Running> = running
+            .iter()
+            .filter(|r| opts.variants.contains(&r.variant))
+            .collect();
+        // The connection-rate runs last: their TIME_WAIT sockets stay behind in each world.
+        let mut scenarios = opts.scenarios.clone();
+        scenarios.sort_by_key(|s| *s == Scenario::ConnRate);
+        let (conn_rate, requests): (Vec<Scenario>, Vec<Scenario>) =
+            scenarios.iter().partition(|s| **s == Scenario::ConnRate);
+        for scenario in requests {
             eprintln!(
-                "bench: repetition {}/{} of {} ({:.0}s so far)",
-                rep + 1,
-                opts.reps,
-                variant.as_str(),
+                "bench: {} ({:.0}s so far)",
+                scenario.as_str(),
                 started.elapsed().as_secs_f64()
             );
-            for (scenario, sample) in run_variant(rt, variant, &scenarios, opts)? {
-                push(&mut results.measurements, scenario, variant, sample);
-            }
+            round_robin(&main, scenario, opts.reps, opts, &mut results.measurements)?;
         }
-        // Rotate the order, so no variant always runs first (or last) in a repetition.
-        variants.rotate_left(1);
-    }
-    for rep in 0..opts.observation_reps {
-        let pair = if rep % 2 == 0 {
-            [Variant::Direct, Variant::DirectObserved]
-        } else {
-            [Variant::DirectObserved, Variant::Direct]
-        };
-        for variant in pair {
+        if opts.observation_reps > 0 {
             eprintln!(
-                "bench: observation overhead {}/{}: {}",
-                rep + 1,
-                opts.observation_reps,
-                variant.as_str()
+                "bench: observation overhead ({:.0}s so far)",
+                started.elapsed().as_secs_f64()
             );
-            for (scenario, sample) in run_variant(rt, variant, &[Scenario::Http1Small], opts)? {
-                let mut sample = sample;
-                sample.latency = None;
-                push(&mut results.observation, scenario, variant, sample);
-            }
+            let pair: Vec<&Running> = running
+                .iter()
+                .filter(|r| matches!(r.variant, Variant::Direct | Variant::DirectObserved))
+                .collect();
+            round_robin(
+                &pair,
+                Scenario::Http1Small,
+                opts.observation_reps,
+                opts,
+                &mut results.observation,
+            )?;
         }
-    }
+        for scenario in conn_rate {
+            eprintln!(
+                "bench: {} ({:.0}s so far)",
+                scenario.as_str(),
+                started.elapsed().as_secs_f64()
+            );
+            round_robin(&main, scenario, opts.reps, opts, &mut results.measurements)?;
+        }
+        Ok(())
+    })();
+    let stopped = stop_all(running, opts);
+    outcome?;
+    stopped?;
     if let Some((bin, args)) = &opts.spans {
+        check_stop()?;
+        eprintln!(
+            "bench: span export ({:.0}s so far)",
+            started.elapsed().as_secs_f64()
+        );
         results.spans = Some(run_span_bench(bin, args)?);
     }
     Ok(results)

@@ -119,8 +119,8 @@ fn sysctl(ns: &Netns, key: &str, value: &str) -> Result<()> {
         .ctx(|| format!("setting {key} in {}", ns.name()))
 }
 
-/// nginx's configuration: one worker, no access log, keep-alive connections never recycled
-/// during a run, the two files served from `root`.
+/// nginx's configuration: one process, no access log, keep-alive connections never recycled
+/// during a run, no sendfile, the two files served from `root`.
 fn nginx_conf(dir: &Path) -> String {
     let d = dir.display();
     format!(
@@ -141,7 +141,10 @@ http {{
     keepalive_timeout 300s;
     http2_max_requests 100000000;
     default_type application/octet-stream;
-    sendfile on;
+    # No sendfile: nginx 1.22 then holds responses for the client's ACK (HTTP/2: ~40 ms each;
+    # HTTP/1.1 64 KiB at a fixed rate: a p99 of 30-70 ms on the direct path, while a proxy's
+    # plain writes hid it), which would make the baseline, not the proxies, slow.
+    sendfile off;
     tcp_nodelay on;
     server {{
         listen {SVC_V4}:{NGINX_H1_PORT} backlog=4096;
@@ -150,9 +153,6 @@ http {{
     server {{
         listen {SVC_V4}:{NGINX_H2_PORT} http2 backlog=4096;
         root {d}/www;
-        # nginx 1.22 with sendfile holds each HTTP/2 response ~40 ms for an ACK (seen here:
-        # p50 44 ms at 200 requests/s, 0.15 ms without it).
-        sendfile off;
     }}
 }}
 "

@@ -276,6 +276,26 @@ fn publish(
     write(&out.join("benchmarks.md"), &md)
 }
 
+extern "C" fn stop_handler(_: libc::c_int) {
+    runner::request_stop();
+}
+
+/// SIGINT and SIGTERM stop the run before its next measurement, so every namespace, cgroup,
+/// program and process it made is removed on the way out.
+fn on_stop_signals() -> Result<(), String> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let action = SigAction::new(
+        SigHandler::Handler(stop_handler),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { sigaction(sig, &action) }.map_err(|e| format!("{sig}: {e}"))?;
+    }
+    Ok(())
+}
+
 /// Root, the test bed's tools, the sidecar binary, and the benchmark's own tools.
 fn prerequisites() -> Result<(), String> {
     let mut missing = Vec::new();
@@ -332,6 +352,10 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        if let Err(e) = on_stop_signals() {
+            eprintln!("sidecar-bench: cannot handle SIGINT/SIGTERM: {e}");
+            return ExitCode::FAILURE;
+        }
         let info = run_info(&cli.opts);
         match runner::run(&rt, &cli.opts, info) {
             Ok(r) => r,
