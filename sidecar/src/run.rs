@@ -26,7 +26,7 @@ use crate::proxy::orig_dst::{LocalAddrDst, OriginalDst, SoOriginalDst};
 use crate::proxy::{Proxy, ProxyConfig};
 use crate::telemetry::resource::ResourceAttribute;
 use crate::telemetry::selfobs::{self, MapFillFn, SelfSources};
-use crate::telemetry::{self, TelemetryConfig};
+use crate::telemetry::{self, ConnectionDirection, TelemetryConfig};
 
 /// Runs the sidecar until a stop signal; maps failures to exit codes.
 pub fn main(config: crate::config::RunConfig) -> ExitCode {
@@ -220,12 +220,12 @@ async fn serve(
     // Listeners first: the kernel programs only redirect to a proxy that is listening.
     let proxy = Proxy::bind(
         proxy_config(&args),
-        original_dst(mode, Direction::Outbound),
+        original_dst(mode, ConnectionDirection::Outbound),
         telemetry.clone(),
     )
     .await
     .context("cannot start the proxy listeners")?
-    .with_inbound_dst(original_dst(mode, Direction::Inbound));
+    .with_inbound_dst(original_dst(mode, ConnectionDirection::Inbound));
     readiness.set_listeners_up();
 
     // The policy is resolved before the programs attach and applied right after, so the
@@ -395,21 +395,18 @@ fn proxy_config(args: &RunArgs) -> ProxyConfig {
     }
 }
 
-/// Which way a proxied connection goes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Direction {
-    Outbound,
-    Inbound,
-}
-
 /// How the proxy finds an accepted connection's original destination in `mode`: with eBPF,
 /// `SO_ORIGINAL_DST` answered by `cgroup/getsockopt` outbound and the local address inbound
 /// (`sk_lookup` keeps it); with iptables, conntrack's `SO_ORIGINAL_DST` both ways.
-fn original_dst(mode: RedirectMode, direction: Direction) -> Arc<dyn OriginalDst> {
+fn original_dst(mode: RedirectMode, direction: ConnectionDirection) -> Arc<dyn OriginalDst> {
     match (mode, direction) {
         (RedirectMode::Iptables, _) => Arc::new(ConntrackDst),
-        (RedirectMode::Ebpf | RedirectMode::Off, Direction::Outbound) => Arc::new(SoOriginalDst),
-        (RedirectMode::Ebpf | RedirectMode::Off, Direction::Inbound) => Arc::new(LocalAddrDst),
+        (RedirectMode::Ebpf | RedirectMode::Off, ConnectionDirection::Outbound) => {
+            Arc::new(SoOriginalDst)
+        }
+        (RedirectMode::Ebpf | RedirectMode::Off, ConnectionDirection::Inbound) => {
+            Arc::new(LocalAddrDst)
+        }
     }
 }
 
