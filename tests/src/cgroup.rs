@@ -69,6 +69,19 @@ impl Cgroup {
         &self.path
     }
 
+    /// The path relative to the cgroup2 mount, as iptables' `-m cgroup --path` takes it.
+    pub fn relative_path(&self) -> Result<String> {
+        let mount = cgroup2_mount()?;
+        let rel = self.path.strip_prefix(&mount).map_err(|_| {
+            Error::Unexpected(format!(
+                "cgroup {} is not under the cgroup2 mount {}",
+                self.path.display(),
+                mount.display()
+            ))
+        })?;
+        Ok(rel.to_string_lossy().into_owned())
+    }
+
     /// Process ids currently in this cgroup (not its children).
     pub fn procs(&self) -> Result<Vec<i32>> {
         read_procs(&self.path)

@@ -11,6 +11,7 @@ pub mod deploy;
 pub mod error;
 pub mod h2peers;
 pub mod impair;
+pub mod iptables;
 pub mod netns;
 pub mod otlp;
 pub mod peers;

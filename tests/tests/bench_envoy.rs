@@ -19,11 +19,11 @@ use std::process::Command;
 use std::time::Duration;
 
 use sidecar_tests::bench::envoy::{
-    envoy_bin, envoy_version, redirect_outbound, release, Envoy, EnvoyConfig, ADMIN_PORT,
-    LISTEN_PORT,
+    envoy_bin, envoy_version, release, Envoy, EnvoyConfig, ADMIN_PORT, LISTEN_PORT,
 };
 use sidecar_tests::cmd::{find_in_path, run_timeout, Finished};
 use sidecar_tests::h2peers::{parse_h2load, write_file};
+use sidecar_tests::iptables::redirect_outbound;
 use sidecar_tests::otlp::ReceivedSpan;
 use sidecar_tests::peers::{self, sha256_file, sha256_hex, wait_port, PEER_READY_TIMEOUT};
 use sidecar_tests::process::{command_in, Child};

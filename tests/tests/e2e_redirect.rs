@@ -8,15 +8,15 @@
 //! test fails, saying what is missing, otherwise. Run with `--test-threads=1`.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
 use sidecar_tests::admin::{self, ADMIN_PORT};
-use sidecar_tests::cgroup::{assert_nothing_attached, cgroup2_mount};
+use sidecar_tests::cgroup::assert_nothing_attached;
 use sidecar_tests::cmd::{find_in_path, run_timeout, Finished};
+use sidecar_tests::iptables::redirect_outbound;
 use sidecar_tests::otlp::{DataPoint, ReceivedSpan};
 use sidecar_tests::peers;
 use sidecar_tests::sidecar::sidecar_bin;
@@ -63,42 +63,12 @@ fn iptables(world: &PodWorld, args: &[&str]) {
     );
 }
 
-/// `path` relative to the cgroup2 mount, as `-m cgroup --path` takes it.
-fn cgroup_rel(path: &Path) -> String {
-    path.strip_prefix(cgroup2_mount().expect("cgroup2 mount"))
-        .expect("a cgroup under the cgroup2 mount")
-        .to_string_lossy()
-        .into_owned()
-}
-
 /// Istio-style rules for the pod: the app cgroup's outbound TCP to the outbound listener, TCP
 /// arriving on the veth for the application's port to the inbound listener.
 fn install_redirect_rules(world: &PodWorld) {
-    let app = cgroup_rel(world.app_cgroup.path());
-    let (outbound, inbound, app_port) = (
-        OUTBOUND_PORT.to_string(),
-        INBOUND_PORT.to_string(),
-        APP_PORT.to_string(),
-    );
-    iptables(
-        world,
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "-m",
-            "cgroup",
-            "--path",
-            &app,
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            &outbound,
-        ],
-    );
+    let (inbound, app_port) = (INBOUND_PORT.to_string(), APP_PORT.to_string());
+    redirect_outbound(&world.pod, &world.app_cgroup, OUTBOUND_PORT, &[])
+        .expect("adding the outbound REDIRECT rule");
     iptables(
         world,
         &[

@@ -20,8 +20,8 @@ use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::cgroup::{cgroup2_mount, Cgroup};
-use crate::cmd::{run_ok, run_timeout, ADMIN_TIMEOUT};
+use crate::cgroup::Cgroup;
+use crate::cmd::{run_ok, run_timeout};
 use crate::error::{Error, IoContext, Result};
 use crate::netns::Netns;
 use crate::process::{command_in, Child};
@@ -547,88 +547,6 @@ fn parse_stats(body: &str) -> BTreeMap<String, u64> {
         .collect()
 }
 
-/// The `iptables` arguments (after the command name) of the rule sending `app_cgroup`'s
-/// outbound TCP to `port`, limited to `dst_ports` when not empty. `op` is `-A` or `-D`.
-fn redirect_args(op: &str, cgroup_rel: &str, port: u16, dst_ports: &[u16]) -> Result<Vec<String>> {
-    let mut a: Vec<String> = [
-        "-w", "-t", "nat", op, "OUTPUT", "-p", "tcp", "-m", "cgroup", "--path", cgroup_rel,
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect();
-    match dst_ports {
-        [] => {}
-        [one] => a.extend(["--dport".to_owned(), one.to_string()]),
-        many if many.len() <= 15 => {
-            let list: Vec<String> = many.iter().map(u16::to_string).collect();
-            a.extend([
-                "-m".to_owned(),
-                "multiport".to_owned(),
-                "--dports".to_owned(),
-                list.join(","),
-            ]);
-        }
-        many => {
-            return Err(Error::Unexpected(format!(
-                "iptables' multiport match takes at most 15 ports, not {}",
-                many.len()
-            )))
-        }
-    }
-    a.extend([
-        "-j".to_owned(),
-        "REDIRECT".to_owned(),
-        "--to-ports".to_owned(),
-        port.to_string(),
-    ]);
-    Ok(a)
-}
-
-/// `cgroup`'s path relative to the cgroup2 mount, as `-m cgroup --path` wants it.
-fn cgroup_relative(cgroup: &Cgroup) -> Result<String> {
-    let mount = cgroup2_mount()?;
-    let rel = cgroup.path().strip_prefix(&mount).map_err(|_| {
-        Error::Unexpected(format!(
-            "cgroup {} is not under the cgroup2 mount {}",
-            cgroup.path().display(),
-            mount.display()
-        ))
-    })?;
-    Ok(rel.to_string_lossy().into_owned())
-}
-
-fn iptables(netns: &Netns, args: &[String]) -> Result<()> {
-    run_ok(netns.command("iptables").args(args), ADMIN_TIMEOUT).map(drop)
-}
-
-/// Adds to `netns` the iptables rule (IPv4) that sends `app_cgroup`'s outbound TCP connections
-/// to `port` on the loopback address:
-/// `iptables -t nat -A OUTPUT -p tcp -m cgroup --path <app cgroup> [--dport P | -m multiport
-/// --dports P,...] -j REDIRECT --to-ports <port>`, limited to the destination ports
-/// `dst_ports` when not empty (at most 15). The proxy reads the original destination with
-/// `SO_ORIGINAL_DST`. Serves Envoy and the sidecar's iptables mode alike; the rule goes away
-/// with the namespace (or with [`remove_redirect_outbound`]).
-pub fn redirect_outbound(
-    netns: &Netns,
-    app_cgroup: &Cgroup,
-    port: u16,
-    dst_ports: &[u16],
-) -> Result<()> {
-    let rel = cgroup_relative(app_cgroup)?;
-    iptables(netns, &redirect_args("-A", &rel, port, dst_ports)?)
-}
-
-/// Deletes the rule [`redirect_outbound`] added with the same arguments.
-pub fn remove_redirect_outbound(
-    netns: &Netns,
-    app_cgroup: &Cgroup,
-    port: u16,
-    dst_ports: &[u16],
-) -> Result<()> {
-    let rel = cgroup_relative(app_cgroup)?;
-    iptables(netns, &redirect_args("-D", &rel, port, dst_ports)?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -745,26 +663,5 @@ mod tests {
         assert_eq!(s.get("cluster.original_dst.upstream_rq_total"), Some(&12));
         assert_eq!(s.get("server.memory_allocated"), Some(&6087120));
         assert_eq!(s.len(), 2);
-    }
-
-    #[test]
-    fn redirect_rule_arguments() {
-        let a = redirect_args("-A", "sidecar-tests/w/app", 15001, &[]).unwrap();
-        assert_eq!(
-            a.join(" "),
-            "-w -t nat -A OUTPUT -p tcp -m cgroup --path sidecar-tests/w/app \
-             -j REDIRECT --to-ports 15001"
-        );
-        let one = redirect_args("-D", "a", 15001, &[8080]).unwrap().join(" ");
-        assert!(
-            one.contains(" -D OUTPUT ") && one.contains(" --dport 8080 -j "),
-            "{one}"
-        );
-        let many = redirect_args("-A", "a", 15001, &[80, 443])
-            .unwrap()
-            .join(" ");
-        assert!(many.contains(" -m multiport --dports 80,443 -j "), "{many}");
-        let too_many: Vec<u16> = (1..=16).collect();
-        assert!(redirect_args("-A", "a", 1, &too_many).is_err());
     }
 }

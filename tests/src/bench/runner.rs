@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::bench::envoy::{self, Envoy, EnvoyConfig};
+use crate::bench::envoy::{Envoy, EnvoyConfig};
 use crate::bench::load::{H2load, LoadResult, Wrk};
 use crate::bench::model::{
     Latency, Measurement, Results, RunInfo, Sample, Scenario, SpanRate, Variant,
@@ -171,11 +171,11 @@ fn start_proxy(world: &BenchWorld, variant: Variant, opts: &Options) -> Result<P
         Variant::DirectObserved => sidecar("off"),
         Variant::SidecarEbpf => sidecar("ebpf"),
         Variant::SidecarIptables => {
-            envoy::redirect_outbound(&world.pod, &world.app_cgroup, PROXY_PORT, &[])?;
+            crate::iptables::redirect_outbound(&world.pod, &world.app_cgroup, PROXY_PORT, &[])?;
             sidecar("iptables")
         }
         Variant::Envoy => {
-            envoy::redirect_outbound(&world.pod, &world.app_cgroup, PROXY_PORT, &[])?;
+            crate::iptables::redirect_outbound(&world.pod, &world.app_cgroup, PROXY_PORT, &[])?;
             let cfg = EnvoyConfig {
                 listen: ([127, 0, 0, 1], PROXY_PORT).into(),
                 admin: ([127, 0, 0, 1], ENVOY_ADMIN_PORT).into(),
