@@ -11,8 +11,7 @@
 //! OTLP/gRPC in batches as large as the sidecar's.
 
 use std::collections::BTreeMap;
-use std::io::{Read as _, Write as _};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -48,10 +47,6 @@ pub const ORIGINAL_DST_CLUSTER: &str = "original_dst";
 /// `stat_prefix` of the HTTP connection manager (stats `http.outbound.*`).
 pub const HTTP_STAT_PREFIX: &str = "outbound";
 
-/// Bound of one admin request (connect, write, read).
-const ADMIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Largest admin response read.
-const ADMIN_MAX_BYTES: u64 = 64 << 20;
 /// How often [`Envoy::start`] polls `/ready`.
 const READY_POLL: Duration = Duration::from_millis(50);
 /// Circuit-breaker thresholds: effectively unlimited (as Istio sets them), since the sidecar
@@ -400,13 +395,7 @@ impl Envoy {
 
     /// `GET path` on the admin interface: status code and body (chunked encoding removed).
     pub fn admin_get(&self, path: &str) -> Result<(u16, String)> {
-        let admin = self.admin;
-        let stream = crate::netns::enter_path(&self.netns, move || {
-            TcpStream::connect_timeout(&admin, ADMIN_REQUEST_TIMEOUT)
-        })?
-        .ctx(|| format!("connecting to envoy's admin interface at {admin}"))?;
-        admin_request(stream, path)
-            .ctx(|| format!("GET {path} from envoy's admin interface at {admin}"))
+        crate::admin::get_at(&self.netns, self.admin, path).map(|r| (r.status, r.body))
     }
 
     /// The value of the counter or gauge `name` in the admin `/stats` (e.g.
@@ -455,85 +444,6 @@ impl Drop for Envoy {
                 self.child.log()
             );
         }
-    }
-}
-
-/// One HTTP/1.1 `GET` with `Connection: close` (Envoy's admin refuses HTTP/1.0).
-fn admin_request(mut stream: TcpStream, path: &str) -> std::io::Result<(u16, String)> {
-    stream.set_read_timeout(Some(ADMIN_REQUEST_TIMEOUT))?;
-    stream.set_write_timeout(Some(ADMIN_REQUEST_TIMEOUT))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: envoy-admin\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    stream.take(ADMIN_MAX_BYTES).read_to_end(&mut raw)?;
-    parse_response(&raw)
-}
-
-fn invalid(what: String) -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::InvalidData, what)
-}
-
-/// Status and body of a complete HTTP/1.1 response (identity or chunked body); the body as
-/// lossy UTF-8.
-fn parse_response(raw: &[u8]) -> std::io::Result<(u16, String)> {
-    let bad = || {
-        invalid(format!(
-            "bad response: {:.200}",
-            String::from_utf8_lossy(raw)
-        ))
-    };
-    let split = find(raw, b"\r\n\r\n").ok_or_else(bad)?;
-    let head = String::from_utf8_lossy(&raw[..split]);
-    let body = &raw[split + 4..];
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(bad)?;
-    let chunked = lines.any(|l| {
-        l.split_once(':').is_some_and(|(k, v)| {
-            k.trim().eq_ignore_ascii_case("transfer-encoding")
-                && v.trim().eq_ignore_ascii_case("chunked")
-        })
-    });
-    let body = if chunked {
-        dechunk(body)?
-    } else {
-        body.to_vec()
-    };
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
-}
-
-/// The offset of the first `needle` in `hay`.
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
-/// Removes chunked transfer encoding (`<hex size>[;ext]\r\n<data>\r\n ... 0\r\n\r\n`).
-fn dechunk(mut rest: &[u8]) -> std::io::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let eol = find(rest, b"\r\n")
-            .ok_or_else(|| invalid("chunked body ends inside a size line".into()))?;
-        let line = String::from_utf8_lossy(&rest[..eol]);
-        let size = line.split(';').next().unwrap_or("").trim();
-        let size = usize::from_str_radix(size, 16)
-            .map_err(|_| invalid(format!("bad chunk size {size:?}")))?;
-        if size == 0 {
-            return Ok(out);
-        }
-        let after = &rest[eol + 2..];
-        let data = after
-            .get(..size)
-            .ok_or_else(|| invalid("chunked body ends inside a chunk".into()))?;
-        out.extend_from_slice(data);
-        rest = after
-            .get(size..)
-            .and_then(|r| r.strip_prefix(b"\r\n"))
-            .ok_or_else(|| invalid("chunk not followed by CRLF".into()))?;
     }
 }
 
@@ -631,26 +541,6 @@ mod tests {
         assert_eq!(v, "9e55/1.40.0/Clean/RELEASE/BoringSSL");
         assert_eq!(release(&v), Some("1.40.0"));
         assert_eq!(parse_version("nothing"), None);
-    }
-
-    #[test]
-    fn chunked_and_plain_responses_are_parsed() {
-        let chunked =
-            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n\
-            25\r\nhttp.outbound.downstream_rq_total: 7\n\r\n3;x=y\r\nab\n\r\n0\r\n\r\n";
-        let (status, body) = parse_response(chunked).unwrap();
-        assert_eq!(status, 200);
-        assert_eq!(body, "http.outbound.downstream_rq_total: 7\nab\n");
-        let plain = b"HTTP/1.1 426 Upgrade Required\r\ncontent-length: 16\r\n\r\nUpgrade Required";
-        assert_eq!(
-            parse_response(plain).unwrap(),
-            (426, "Upgrade Required".to_owned())
-        );
-        let utf8 = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\n\u{e9}\r\n0\r\n\r\n";
-        assert_eq!(parse_response(utf8.as_bytes()).unwrap().1, "\u{e9}");
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_err());
-        let cut = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n10\r\nabc";
-        assert!(parse_response(cut).is_err());
     }
 
     #[test]
