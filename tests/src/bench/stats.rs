@@ -154,14 +154,7 @@ pub fn paired_ratios(
     b: &Measurement,
     field: impl Fn(&Sample) -> Option<f64>,
 ) -> Vec<f64> {
-    a.samples
-        .iter()
-        .zip(&b.samples)
-        .filter_map(|(sa, sb)| {
-            let (x, y) = (field(sa)?, field(sb)?);
-            (x.is_finite() && y.is_finite() && y > 0.0).then(|| x / y)
-        })
-        .collect()
+    paired(a, b, field, |x, y| (y > 0.0).then(|| x / y))
 }
 
 /// The spread of [`paired_ratios`]; `None` when no repetition pairs up.
@@ -180,12 +173,27 @@ pub fn paired_differences(
     b: &Measurement,
     field: impl Fn(&Sample) -> Option<f64>,
 ) -> Vec<f64> {
+    paired(a, b, field, |x, y| Some(x - y))
+}
+
+/// Per repetition `i < min(len)`, `combine(field(a[i]), field(b[i]))` where both values are
+/// present and finite.
+fn paired(
+    a: &Measurement,
+    b: &Measurement,
+    field: impl Fn(&Sample) -> Option<f64>,
+    combine: impl Fn(f64, f64) -> Option<f64>,
+) -> Vec<f64> {
     a.samples
         .iter()
         .zip(&b.samples)
         .filter_map(|(sa, sb)| {
             let (x, y) = (field(sa)?, field(sb)?);
-            (x.is_finite() && y.is_finite()).then_some(x - y)
+            if x.is_finite() && y.is_finite() {
+                combine(x, y)
+            } else {
+                None
+            }
         })
         .collect()
 }
