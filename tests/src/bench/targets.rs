@@ -384,6 +384,11 @@ fn paired_target(
             ),
         );
     };
+    spread_result(target, scenario, &subject, s)
+}
+
+/// The result of a target measured as a spread whose median is checked.
+fn spread_result(target: Target, scenario: Scenario, subject: &str, s: Spread) -> TargetResult {
     let pass = target.met_by(s.median);
     TargetResult {
         target,
@@ -565,18 +570,7 @@ fn observation_overhead(results: &Results) -> TargetResult {
         );
     };
     let overhead = ratio.map_decreasing(|r| 1.0 - r);
-    let pass = target.met_by(overhead.median);
-    TargetResult {
-        target,
-        scenario: Some(scenario),
-        measured: Some(Measured::Spread(overhead)),
-        pass,
-        sentence: format!(
-            "{subject}: {} {}",
-            spread_words(target, &overhead),
-            verdict(target, pass)
-        ),
-    }
+    spread_result(target, scenario, &subject, overhead)
 }
 
 /// `span-rate`: the highest lossless span export rate.
