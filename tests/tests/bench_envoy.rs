@@ -21,12 +21,12 @@ use std::time::Duration;
 use sidecar_tests::bench::envoy::{
     envoy_bin, envoy_version, release, Envoy, EnvoyConfig, ADMIN_PORT, LISTEN_PORT,
 };
+use sidecar_tests::bench::topology::start_nginx;
 use sidecar_tests::cmd::{find_in_path, run_timeout, Finished};
 use sidecar_tests::h2peers::{parse_h2load, write_file};
 use sidecar_tests::iptables::redirect_outbound;
 use sidecar_tests::otlp::ReceivedSpan;
-use sidecar_tests::peers::{self, sha256_file, sha256_hex, wait_port, PEER_READY_TIMEOUT};
-use sidecar_tests::process::{command_in, Child};
+use sidecar_tests::peers::{sha256_file, sha256_hex};
 use sidecar_tests::world::{HTTP_PORT, SVC_V4};
 use sidecar_tests::{prereq, OtlpReceiver, PodWorld};
 
@@ -68,63 +68,6 @@ fn require() {
         "Envoy end-to-end prerequisites not met: {}",
         missing.join("; ")
     );
-}
-
-/// nginx in svc (one process, killed on drop): the docroot's files over HTTP/1.1 on
-/// [`NGINX_H1_PORT`] and h2c with prior knowledge on [`NGINX_H2_PORT`].
-struct Nginx {
-    _child: Child,
-}
-
-impl Nginx {
-    fn start(world: &PodWorld, docroot: &Path) -> Nginx {
-        let dir = world.dir.join("nginx");
-        std::fs::create_dir_all(dir.join("tmp")).expect("creating nginx's directory");
-        let d = dir.display();
-        let root = docroot.display();
-        let conf = format!(
-            "daemon off;\n\
-             master_process off;\n\
-             worker_processes 1;\n\
-             pid {d}/nginx.pid;\n\
-             error_log {d}/error.log warn;\n\
-             events {{ worker_connections 1024; }}\n\
-             http {{\n\
-             \x20 access_log off;\n\
-             \x20 client_body_temp_path {d}/tmp;\n\
-             \x20 default_type application/octet-stream;\n\
-             \x20 keepalive_requests 100000;\n\
-             \x20 server {{ listen {SVC_V4}:{NGINX_H1_PORT}; root {root}; }}\n\
-             \x20 server {{ listen {SVC_V4}:{NGINX_H2_PORT} http2; root {root}; }}\n\
-             }}\n"
-        );
-        let conf_path = dir.join("nginx.conf");
-        std::fs::write(&conf_path, conf).expect("writing nginx.conf");
-        let conf_s = conf_path.to_string_lossy().into_owned();
-        let prefix = format!("{d}/");
-        let error_log = format!("{d}/error.log");
-        let cmd = command_in(
-            Some(&world.svc),
-            None,
-            "nginx",
-            &["-p", &prefix, "-e", &error_log, "-c", &conf_s],
-        );
-        let child = Child::spawn("nginx", cmd, &dir.join("nginx.log")).expect("spawning nginx");
-        for port in [NGINX_H1_PORT, NGINX_H2_PORT] {
-            if let Err(e) = wait_port(
-                &world.svc,
-                SocketAddr::new(IpAddr::V4(SVC_V4), port),
-                PEER_READY_TIMEOUT,
-            ) {
-                panic!(
-                    "nginx did not listen on {port}: {e}; log: {}; error log: {}",
-                    child.log(),
-                    std::fs::read_to_string(&error_log).unwrap_or_default()
-                );
-            }
-        }
-        Nginx { _child: child }
-    }
 }
 
 /// Runs `program args...` as the app (pod namespace, app cgroup), bounded.
@@ -218,11 +161,12 @@ async fn envoy_forwards_http1_h2c_and_grpc_behind_iptables_and_exports_spans() {
     let cgroups: Vec<_> = world.cgroups().iter().map(|p| p.to_path_buf()).collect();
 
     // Peers in svc: nginx (HTTP/1.1 and h2c) and a tonic gRPC server.
-    let docroot = world.dir.join("www");
-    let body = peers::pattern(1024, b"bench-envoy");
-    write_file(&docroot.join(FILE), &body).expect("writing the served file");
+    let nginx_dir = world.dir.join("nginx");
+    std::fs::create_dir_all(&nginx_dir).expect("creating nginx's directory");
+    let nginx = start_nginx(&world.svc, &nginx_dir, NGINX_H1_PORT, NGINX_H2_PORT)
+        .expect("starting nginx in svc");
+    let body = std::fs::read(nginx_dir.join("www").join(FILE)).expect("reading the served file");
     let body_sha = sha256_hex(&body);
-    let nginx = Nginx::start(&world, &docroot);
     let grpc = OtlpReceiver::builder()
         .bind(SocketAddr::new(IpAddr::V4(SVC_V4), GRPC_PORT))
         .start_in(&world.svc)

@@ -68,7 +68,7 @@ impl BenchWorld {
         let pod_cgroup = Cgroup::create(&name)?;
         let sidecar_cgroup = pod_cgroup.child("sidecar")?;
         let app_cgroup = pod_cgroup.child("app")?;
-        let nginx = start_nginx(&svc, dir.path())?;
+        let nginx = start_nginx(&svc, dir.path(), NGINX_H1_PORT, NGINX_H2_PORT)?;
         let grpc = OtlpReceiver::builder()
             .bind(SocketAddr::new(IpAddr::V4(SVC_V4), GRPC_PORT))
             .count_only(true)
@@ -121,7 +121,7 @@ fn sysctl(ns: &Netns, key: &str, value: &str) -> Result<()> {
 
 /// nginx's configuration: one process, no access log, keep-alive connections never recycled
 /// during a run, no sendfile, the two files served from `root`.
-fn nginx_conf(dir: &Path) -> String {
+fn nginx_conf(dir: &Path, h1_port: u16, h2_port: u16) -> String {
     let d = dir.display();
     format!(
         "daemon off;
@@ -147,11 +147,11 @@ http {{
     sendfile off;
     tcp_nodelay on;
     server {{
-        listen {SVC_V4}:{NGINX_H1_PORT} backlog=4096;
+        listen {SVC_V4}:{h1_port} backlog=4096;
         root {d}/www;
     }}
     server {{
-        listen {SVC_V4}:{NGINX_H2_PORT} http2 backlog=4096;
+        listen {SVC_V4}:{h2_port} http2 backlog=4096;
         root {d}/www;
     }}
 }}
@@ -159,8 +159,10 @@ http {{
     )
 }
 
-/// Writes the files and the configuration and starts nginx in `svc`, waiting for its ports.
-fn start_nginx(svc: &Netns, dir: &Path) -> Result<Child> {
+/// Writes [`FILES`] into `dir/www` and nginx's configuration into `dir`, and starts nginx in
+/// `svc` (one process, killed with the returned child) serving them over HTTP/1.1 on
+/// `198.18.0.2:h1_port` and HTTP/2 cleartext on `h2_port`; waits for both ports.
+pub fn start_nginx(svc: &Netns, dir: &Path, h1_port: u16, h2_port: u16) -> Result<Child> {
     let www = dir.join("www");
     std::fs::create_dir_all(&www).ctx(|| format!("creating {}", www.display()))?;
     std::fs::create_dir_all(dir.join("nginx-tmp")).ctx(|| "creating nginx-tmp".to_owned())?;
@@ -169,7 +171,8 @@ fn start_nginx(svc: &Netns, dir: &Path) -> Result<Child> {
         std::fs::write(www.join(name), body).ctx(|| format!("writing {name}"))?;
     }
     let conf = dir.join("nginx.conf");
-    std::fs::write(&conf, nginx_conf(dir)).ctx(|| format!("writing {}", conf.display()))?;
+    std::fs::write(&conf, nginx_conf(dir, h1_port, h2_port))
+        .ctx(|| format!("writing {}", conf.display()))?;
     let conf_s = conf.to_string_lossy().into_owned();
     let nginx = crate::cmd::find_in_path("nginx")
         .or_else(|| Some(std::path::PathBuf::from("/usr/sbin/nginx")).filter(|p| p.exists()))
@@ -183,7 +186,7 @@ fn start_nginx(svc: &Netns, dir: &Path) -> Result<Child> {
         command_in(Some(svc), None, &nginx, &["-c", &conf_s, "-e", "stderr"]),
         &dir.join("nginx.log"),
     )?;
-    for port in [NGINX_H1_PORT, NGINX_H2_PORT] {
+    for port in [h1_port, h2_port] {
         wait_port(
             svc,
             SocketAddr::new(IpAddr::V4(SVC_V4), port),
