@@ -218,8 +218,9 @@ impl H2load {
     }
 }
 
-/// Parses h2load's summary: the `finished in` line (seconds) and the `requests:` line (done,
-/// succeeded, failed, errored, timeout) and the status codes (non-2xx count as errors).
+/// Parses h2load's summary: the `finished in` line (seconds) here, the counts with
+/// [`crate::h2peers::parse_h2load`] (failed, errored, timed-out and non-2xx requests count as
+/// errors).
 pub fn parse_h2load(stdout: &str) -> Result<LoadResult> {
     let bad = |what: &str| parse_error("h2load", what, stdout);
     let finished = stdout
@@ -231,32 +232,10 @@ pub fn parse_h2load(stdout: &str) -> Result<LoadResult> {
         .next()
         .and_then(|t| parse_duration(t.trim()))
         .ok_or_else(|| bad("unreadable duration in `finished in`"))?;
-    let requests = stdout
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("requests: "))
-        .ok_or_else(|| bad("no `requests:` line"))?;
-    let count = |line: &str, name: &str| -> Option<u64> {
-        line.split(',').find_map(|part| {
-            let mut words = part.split_whitespace();
-            let n = words.next()?.parse().ok()?;
-            (words.next()? == name).then_some(n)
-        })
-    };
-    let succeeded = count(requests, "succeeded").ok_or_else(|| bad("no succeeded count"))?;
-    let mut errors = ["failed", "errored", "timeout"]
-        .iter()
-        .map(|n| count(requests, n).ok_or_else(|| bad(&format!("no {n} count"))))
-        .sum::<Result<u64>>()?;
-    if let Some(codes) = stdout
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("status codes: "))
-    {
-        for class in ["3xx", "4xx", "5xx"] {
-            errors += count(codes, class).unwrap_or(0);
-        }
-    }
+    let c = crate::h2peers::parse_h2load(stdout)?;
+    let errors = c.failed + c.errored + c.timeout + c.status_3xx + c.status_4xx + c.status_5xx;
     Ok(LoadResult {
-        requests: succeeded,
+        requests: c.succeeded,
         secs,
         errors,
         percentiles: None,
