@@ -61,6 +61,27 @@ pub struct PodWorld {
     name: String,
 }
 
+/// The `<name>-svc` and `<name>-pod` namespaces joined by a veth pair ([`VETH`] in each) with
+/// the test addresses ([`POD_V4`], [`POD_V6`], [`SVC_V4`], [`SVC_V6`]); returns (svc, pod).
+pub fn pod_network(name: &str) -> Result<(Netns, Netns)> {
+    let svc = Netns::create(&format!("{name}-svc"))?;
+    let pod = Netns::create(&format!("{name}-pod"))?;
+    veth_pair(&pod, VETH, &svc, VETH)?;
+    pod.add_addr(VETH, &format!("{POD_V4}/24"))?;
+    pod.add_addr(VETH, &format!("{POD_V6}/64"))?;
+    svc.add_addr(VETH, &format!("{SVC_V4}/24"))?;
+    svc.add_addr(VETH, &format!("{SVC_V6}/64"))?;
+    Ok((svc, pod))
+}
+
+/// The pod cgroup `name` and its `sidecar` and `app` children; returns (pod, sidecar, app).
+pub fn pod_cgroups(name: &str) -> Result<(Cgroup, Cgroup, Cgroup)> {
+    let pod = Cgroup::create(name)?;
+    let sidecar = pod.child("sidecar")?;
+    let app = pod.child("app")?;
+    Ok((pod, sidecar, app))
+}
+
 impl PodWorld {
     /// The pod cgroup and its `app` and `sidecar` children (e.g. to check that nothing stays
     /// attached to any of them).
@@ -76,16 +97,8 @@ impl PodWorld {
     pub fn new(tag: &str) -> Result<Self> {
         let name = unique_name(tag);
         let dir = TempDir::create(&name)?;
-        let svc = Netns::create(&format!("{name}-svc"))?;
-        let pod = Netns::create(&format!("{name}-pod"))?;
-        veth_pair(&pod, VETH, &svc, VETH)?;
-        pod.add_addr(VETH, &format!("{POD_V4}/24"))?;
-        pod.add_addr(VETH, &format!("{POD_V6}/64"))?;
-        svc.add_addr(VETH, &format!("{SVC_V4}/24"))?;
-        svc.add_addr(VETH, &format!("{SVC_V6}/64"))?;
-        let pod_cgroup = Cgroup::create(&name)?;
-        let sidecar_cgroup = pod_cgroup.child("sidecar")?;
-        let app_cgroup = pod_cgroup.child("app")?;
+        let (svc, pod) = pod_network(&name)?;
+        let (pod_cgroup, sidecar_cgroup, app_cgroup) = pod_cgroups(&name)?;
         let http = HttpPeer::start(
             "http-peer",
             &svc,

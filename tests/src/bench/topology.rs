@@ -10,12 +10,12 @@ use std::time::Duration;
 
 use crate::cgroup::Cgroup;
 use crate::error::{IoContext, Result};
-use crate::netns::{unique_name, veth_pair, Netns};
+use crate::netns::{unique_name, Netns};
 use crate::otlp::OtlpReceiver;
 use crate::peers::wait_port;
 use crate::process::{command_in, Child};
 use crate::tempdir::TempDir;
-use crate::world::{POD_V4, SVC_V4, VETH};
+use crate::world::{pod_cgroups, pod_network, SVC_V4};
 
 /// nginx's HTTP/1.1 port in the service namespace.
 pub const NGINX_H1_PORT: u16 = 8080;
@@ -55,19 +55,13 @@ impl BenchWorld {
     pub async fn new(tag: &str) -> Result<Self> {
         let name = unique_name(tag);
         let dir = TempDir::create(&name)?;
-        let svc = Netns::create(&format!("{name}-svc"))?;
-        let pod = Netns::create(&format!("{name}-pod"))?;
-        veth_pair(&pod, VETH, &svc, VETH)?;
-        pod.add_addr(VETH, &format!("{POD_V4}/24"))?;
-        svc.add_addr(VETH, &format!("{SVC_V4}/24"))?;
+        let (svc, pod) = pod_network(&name)?;
         for ns in [&pod, &svc] {
             // The connection-rate runs open tens of thousands of connections in seconds.
             sysctl(ns, "net.ipv4.ip_local_port_range", "1024 65000")?;
             sysctl(ns, "net.ipv4.tcp_tw_reuse", "1")?;
         }
-        let pod_cgroup = Cgroup::create(&name)?;
-        let sidecar_cgroup = pod_cgroup.child("sidecar")?;
-        let app_cgroup = pod_cgroup.child("app")?;
+        let (pod_cgroup, sidecar_cgroup, app_cgroup) = pod_cgroups(&name)?;
         let nginx = start_nginx(&svc, dir.path(), NGINX_H1_PORT, NGINX_H2_PORT)?;
         let grpc = OtlpReceiver::builder()
             .bind(SocketAddr::new(IpAddr::V4(SVC_V4), GRPC_PORT))
