@@ -148,7 +148,7 @@ pub fn test_executables() -> Result<Vec<TestExe>> {
             .unwrap_or_default();
         let package = PACKAGES
             .iter()
-            .find(|p| dir.ends_with(package_dir(p)) || id.contains(&format!("#{p}@")))
+            .find(|p| dir.ends_with(package_dir(p)))
             .map_or_else(|| package_of(id), |p| (*p).to_string());
         found.push(TestExe {
             package,
